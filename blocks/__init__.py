@@ -1,0 +1,159 @@
+"""Block types: one per external system (endpoint + credentials) and `Homelab`, the bundle a flow takes.
+
+Register them with `prefect block register -m blocks` (or `homelab setup`). Secrets are SecretStr:
+Prefect stores them encrypted and shows them as ********; flows read them only to hand them to the
+client that needs them, never into a log, artifact, parameter or exception.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prefect.blocks.core import Block
+from pydantic import Field, SecretStr
+
+DEFAULT_CEPH_TOOLS = ["kubectl", "-n", "rook-ceph", "exec", "deploy/rook-ceph-tools", "--", "ceph"]
+
+
+class Kubernetes(Block):
+    """Access to one or more Kubernetes API servers through a kubeconfig, or from inside a pod."""
+
+    _block_type_name = "Homelab Kubernetes"
+    _block_type_slug = "homelab-kubernetes"
+    _description = "A kubeconfig (text or path) and its contexts, or in-cluster access."
+
+    kubeconfig: SecretStr | None = Field(
+        default=None, description="The kubeconfig's YAML text. Stored encrypted. Leave empty to use kubeconfig_path.")
+    kubeconfig_path: str | None = Field(
+        default=None, description="Path of a kubeconfig file on the worker, used when kubeconfig is empty.")
+    context: str | None = Field(
+        default=None, description="The context to use when the flow names no cluster-specific one.")
+    in_cluster: bool = Field(
+        default=False, description="Use the pod's ServiceAccount instead of a kubeconfig (when deployed in the cluster).")
+
+    def kubeconfig_file(self) -> Path | None:
+        """A file holding the kubeconfig, readable only by this user (the client libraries want a path)."""
+        if self.kubeconfig is not None:
+            fd, name = tempfile.mkstemp(prefix="homelab-kubeconfig-", suffix=".yaml")
+            with os.fdopen(fd, "w") as f:
+                f.write(self.kubeconfig.get_secret_value())
+            return Path(name)
+        return Path(self.kubeconfig_path).expanduser() if self.kubeconfig_path else None
+
+
+class Talos(Block):
+    """The Talos API through talosctl."""
+
+    _block_type_name = "Homelab Talos"
+    _block_type_slug = "homelab-talos"
+    _description = "The talosctl executable and the talosconfig that authenticates it."
+
+    talosctl_path: str = Field(default="talosctl", description="The talosctl executable (a name on PATH or a full path).")
+    talosconfig: SecretStr | None = Field(
+        default=None, description="The talosconfig's YAML text (client certificate and key). Stored encrypted.")
+    talosconfig_path: str | None = Field(
+        default=None, description="Path of a talosconfig on the worker, used when talosconfig is empty.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for talosctl.")
+
+
+class Ceph(Block):
+    """The Ceph CLI: local, or inside Rook's toolbox."""
+
+    _block_type_name = "Homelab Ceph"
+    _block_type_slug = "homelab-ceph"
+    _description = "How to run the ceph command: a local `ceph`, or `kubectl -n rook-ceph exec deploy/rook-ceph-tools -- ceph`."
+
+    command: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_CEPH_TOOLS),
+        description="The argv prefix that runs ceph, e.g. [\"ceph\"] or "
+                    "[\"kubectl\", \"-n\", \"rook-ceph\", \"exec\", \"deploy/rook-ceph-tools\", \"--\", \"ceph\"].")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables (e.g. CEPH_CONF).")
+    timeout_seconds: float = Field(default=30, description="Deadline of one ceph call; the CLI hangs without a monitor.")
+
+
+class Proxmox(Block):
+    """A Proxmox VE API endpoint and an API token."""
+
+    _block_type_name = "Homelab Proxmox"
+    _block_type_slug = "homelab-proxmox"
+    _description = "Proxmox VE API host and an API token with only the privileges the provision flow uses."
+
+    host: str = Field(description="API host name or address (no scheme), e.g. pve.lan.")
+    port: int = Field(default=8006, description="API port.")
+    user: str = Field(default="root@pam", description="The token's user, e.g. homelab@pve.")
+    token_name: str = Field(description="The API token's ID (the part after '!').")
+    token_value: SecretStr = Field(description="The API token's secret. Stored encrypted.")
+    verify_ssl: bool = Field(default=True, description="Verify the API's TLS certificate.")
+
+
+class GitSource(Block):
+    """The git repository that holds the GitOps tree."""
+
+    _block_type_name = "Homelab Git"
+    _block_type_slug = "homelab-git"
+    _description = "The repository holding k8s/ and the branch Flux follows."
+
+    url: str = Field(description="A local path or clone URL of the repository holding k8s/.")
+    branch: str = Field(default="main", description="The branch Flux follows; pushes to others are ignored.")
+    tree_path: str = Field(default="k8s", description="The GitOps tree's folder inside the repository.")
+
+
+class Webhook(Block):
+    """The shared secret of the git webhook."""
+
+    _block_type_name = "Homelab Webhook"
+    _block_type_slug = "homelab-webhook"
+    _description = "The HMAC secret that git push webhooks are signed with."
+
+    secret: SecretStr = Field(description="The webhook's shared secret. Stored encrypted.")
+
+
+class Homelab(Block):
+    """Everything a flow needs to reach one homelab."""
+
+    _block_type_name = "Homelab"
+    _block_type_slug = "homelab"
+    _description = "The named bundle a flow takes: Kubernetes, Talos, Ceph, Proxmox and git access, plus the GitOps tree."
+
+    kubernetes: Kubernetes = Field(description="Kubernetes access; its kubeconfig holds a context per cluster.")
+    talos: Talos = Field(description="talosctl and the talosconfig; one context per cluster.")
+    ceph: Ceph | None = Field(default=None, description="The Ceph CLI of the cluster running Rook Ceph.")
+    proxmox: Proxmox | None = Field(default=None, description="The Proxmox API that hosts the VM cluster.")
+    git: GitSource = Field(description="The repository holding the GitOps tree.")
+    webhook: Webhook | None = Field(default=None, description="The webhook secret, for the receiver.")
+    tree_path: str | None = Field(
+        default=None, description="A local checkout of the GitOps tree (k8s/); default: the git block's path + tree_path.")
+    cluster: str = Field(default="m720q", description="The cluster a flow acts on when it names none.")
+    ceph_clusters: list[str] = Field(default_factory=lambda: ["m720q"], description="Clusters that run Rook Ceph.")
+    kube_contexts: dict[str, str] = Field(
+        default_factory=dict, description="Kubeconfig context per cluster; default admin@<cluster>.")
+    talos_contexts: dict[str, str] = Field(
+        default_factory=dict, description="talosconfig context per cluster; default the cluster's name.")
+    pre_node_hook: str | None = Field(
+        default=None, description="Shell command run before a node is disrupted; HOMELAB_NODE and HOMELAB_NODE_IP are set.")
+    post_node_hook: str | None = Field(
+        default=None, description="Shell command run after a node is back; HOMELAB_NODE and HOMELAB_NODE_IP are set.")
+
+    def kube_context(self, cluster: str) -> str:
+        return self.kube_contexts.get(cluster, f"admin@{cluster}")
+
+    def talos_context(self, cluster: str) -> str:
+        return self.talos_contexts.get(cluster, cluster)
+
+    def gitops_tree(self) -> Path:
+        if self.tree_path:
+            return Path(self.tree_path).expanduser()
+        return Path(self.git.url).expanduser() / self.git.tree_path
+
+    def runs_ceph(self, cluster: str) -> bool:
+        return self.ceph is not None and cluster in self.ceph_clusters
+
+
+ALL_BLOCKS: list[type[Block]] = [Kubernetes, Talos, Ceph, Proxmox, GitSource, Webhook, Homelab]
+
+
+def describe() -> dict[str, Any]:
+    return {b.get_block_type_slug(): b.get_description() for b in ALL_BLOCKS}

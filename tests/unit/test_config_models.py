@@ -1,0 +1,77 @@
+"""The core models accept real users' files and compute what talhelper and Image Factory compute."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from homelab.config import load_talconfig, load_tree
+from homelab.problems import ConfigError
+from homelab.versions import installer_image, parse_version, schematic_id
+
+REALWORLD = Path(__file__).resolve().parents[3] / "shared" / "realworld" / "talconfig"
+K8S = Path(__file__).resolve().parents[2] / "k8s"
+
+
+def test_stock_schematic_id_matches_image_factory() -> None:
+    assert schematic_id({"customization": {}}) == "376567988ad370138ad8b2698212367b8edcb69b5fd68c80be1f2ec7d603b4ba"
+
+
+def test_schematic_id_sorts_extensions_like_image_factory() -> None:
+    schematic = {"customization": {"systemExtensions": {"officialExtensions": ["siderolabs/intel-ucode", "siderolabs/i915"]}}}
+    assert schematic_id(schematic) == "4b3cd373a192c8469e859b7a0cfbed3ecc3577c4a2d346a37b0aeff9cd17cdb0"
+
+
+def test_installer_image_prefers_talos_image_url() -> None:
+    assert installer_image("v1.11.5", {"customization": {}}, "ghcr.io/me/installer") == "ghcr.io/me/installer:v1.11.5"
+    assert installer_image("v1.11.5") == "ghcr.io/siderolabs/installer:v1.11.5"
+
+
+@pytest.mark.parametrize("text", ["latest", "1.11", "v1.x.5", "", None, 11])
+def test_parse_version_refuses_non_versions(text: object) -> None:
+    with pytest.raises(ValueError):
+        parse_version(text)
+
+
+def test_versions_compare_as_semver() -> None:
+    assert parse_version("v1.11.5") > parse_version("v1.9.12")
+
+
+@pytest.mark.skipif(not REALWORLD.is_dir(), reason="real-world samples are beside the checkout")
+@pytest.mark.parametrize("name", sorted(p.name for p in REALWORLD.glob("*talconfig.yaml")) if REALWORLD.is_dir() else [])
+def test_real_users_talconfig_files_load(tmp_path: Path, name: str) -> None:
+    owner = name.split("__talconfig")[0]
+    shutil.copy(REALWORLD / name, tmp_path / "talconfig.yaml")
+    env = REALWORLD / f"{owner}__talenv.yaml"
+    if env.exists():
+        shutil.copy(env, tmp_path / "talenv.yaml")
+    cfg = load_talconfig(tmp_path / "talconfig.yaml")
+    assert cfg.nodes and all(n.ip for n in cfg.nodes)
+    assert parse_version(cfg.talos_version)
+
+
+def test_placeholder_versions_without_talenv_are_reported(tmp_path: Path) -> None:
+    (tmp_path / "talconfig.yaml").write_text(
+        "clusterName: c\ntalosVersion: ${talosVersion}\nkubernetesVersion: v1.32.0\nendpoint: https://10.0.0.1:6443\n"
+        "nodes:\n  - hostname: a\n    ipAddress: 10.0.0.2\n    controlPlane: true\n    installDisk: /dev/sda\n")
+    with pytest.raises(ConfigError) as err:
+        load_talconfig(tmp_path / "talconfig.yaml", "t.yaml")
+    assert [str(p) for p in err.value.problems] == ["t.yaml: talosVersion: '${talosVersion}' is not a version like v1.11.5"]
+
+
+def test_bundled_tree_models() -> None:
+    tree = load_tree(K8S)
+    m720q = tree.cluster("m720q")
+    assert m720q.talconfig is not None
+    assert [n.hostname for n in m720q.talconfig.ordered_nodes()] == ["m720q-1", "m720q-2", "m720q-3"]
+    assert [n.ip for n in m720q.talconfig.nodes] == ["10.42.0.101", "10.42.0.102", "10.42.0.103"]
+    waves = [[k.name for k in wave] for wave in m720q.flux.order()]
+    flat = [n for w in waves for n in w]
+    assert flat.index("sources") < flat.index("infrastructure-core") < flat.index("rook-ceph-operator")
+    assert flat.index("rook-ceph-operator") < flat.index("rook-ceph-cluster") < flat.index("smokeping")
+    homelab = tree.cluster("homelab")
+    assert homelab.proxmox is not None and homelab.proxmox.control_planes()
+    with pytest.raises(ConfigError):
+        tree.cluster("nope")
