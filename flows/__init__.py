@@ -1,0 +1,1 @@
+"""One module per capability: a flow reads desired state, plans, gates, acts, reports."""
