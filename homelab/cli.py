@@ -35,6 +35,35 @@ def validate(
     typer.echo(f"{path}: valid")
 
 
+@app.command()
+def approve(
+    run_id: Annotated[str, typer.Argument(help="The id of the flow run waiting for approval.")],
+    reject: Annotated[bool, typer.Option("--reject", help="Reject the plan instead; the run ends Failed.")] = False,
+    comment: Annotated[str, typer.Option("--comment", help="Why, for the record.")] = "",
+) -> None:
+    """Approve (or reject) a run that waits for approval on the Prefect server."""
+    from uuid import UUID
+
+    try:
+        UUID(run_id)
+    except ValueError:
+        typer.echo(f"homelab approve: {run_id!r} is not a flow run id", err=True)
+        raise typer.Exit(2) from None
+    from prefect.exceptions import ObjectNotFound
+
+    from flows.approval import approve as resume
+
+    try:
+        resume(run_id, reject=reject, comment=comment)
+    except ObjectNotFound:
+        typer.echo(f"homelab approve: no flow run {run_id} on this Prefect server", err=True)
+        raise typer.Exit(1) from None
+    except Exception as e:  # NotPausedError, a rejected resume: the server's own words
+        typer.echo(f"homelab approve: run {run_id} cannot be resumed: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"run {run_id} {'rejected' if reject else 'approved'}")
+
+
 def main() -> None:
     try:
         app()

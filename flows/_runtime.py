@@ -1,0 +1,83 @@
+"""What every `homelab <command>` shares: the target homelab (a saved block, or the twin for one
+command), the result as one JSON line, and the exit codes (0 done, 1 failed or refused, 2 bad usage
+or configuration)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from homelab.problems import ConfigError
+
+TWIN_BLOCK = "twin"
+
+
+def bundled_tree() -> Path:
+    """The GitOps tree the twin is seeded from: ./k8s when run inside a homelab repository,
+    else the example tree shipped beside the package."""
+    here = Path.cwd() / "k8s"
+    if (here / "clusters").is_dir():
+        return here
+    return Path(__file__).resolve().parents[1] / "k8s"
+
+
+def quiet_prefect() -> None:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def prefect_server_configured() -> bool:
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
+
+
+@contextlib.contextmanager
+def target(homelab: str, twin: bool, twin_state: str = "pre-upgrade", faults: list[str] | None = None,
+           ceph: str = "sim", reboot_seconds: float | None = None) -> Iterator[str]:
+    """The name of the Homelab block a flow should use; with `twin`, a simulated homelab started for
+    this one command, registered as the block `twin`, and torn down afterwards."""
+    if not twin:
+        yield homelab
+        return
+    from twin.register import homelab_block
+
+    from twin import Twin
+    from twin.state import Knobs
+
+    knobs = Knobs() if reboot_seconds is None else Knobs(reboot_seconds=reboot_seconds)
+    with tempfile.TemporaryDirectory(prefix="homelab-twin-") as tmp:
+        try:
+            sim = Twin(bundled_tree(), Path(tmp), state=twin_state, faults=list(faults or []), knobs=knobs, ceph=ceph)
+        except ValueError as e:  # a bad --fault or --twin-state
+            raise typer.BadParameter(str(e)) from None
+        with sim:
+            homelab_block(sim).save(TWIN_BLOCK, overwrite=True)
+            yield TWIN_BLOCK
+
+
+def finish(result: dict[str, Any], as_json: bool, summary: Callable[[dict[str, Any]], str],
+           ok: tuple[str, ...]) -> None:
+    """Print the result (a summary, or one JSON object on the last line) and exit 0 or 1."""
+    if as_json:
+        typer.echo(json.dumps(result, default=str))
+    else:
+        typer.echo(summary(result))
+    raise typer.Exit(0 if result.get("status") in ok else 1)
+
+
+def config_errors_exit_2(fn: Callable[[], None]) -> None:
+    """Bad configuration exits 2 with its problem lines; everything else propagates."""
+    try:
+        fn()
+    except ConfigError as e:
+        for p in e.problems:
+            typer.echo(str(p), err=True)
+        raise typer.Exit(2) from None

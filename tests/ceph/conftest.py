@@ -1,0 +1,46 @@
+"""The real Ceph cluster of the ceph tests: one per session (it costs ~15 s and ~0.5 GB)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from tasks.ceph import CephCli
+from twin.ceph_real import INSTALL_HINT, RealCeph, missing_daemons
+
+HOSTS = ["m720q-1", "m720q-2", "m720q-3"]
+
+
+def require_ceph_daemons() -> None:
+    """Skip without the Debian daemons; in CI (CI=true) their absence is a failure."""
+    missing = missing_daemons()
+    if not missing:
+        return
+    message = f"real Ceph tests need {', '.join(missing)}: {INSTALL_HINT}"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message + " (CI=true: these tests must run, not skip)", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture
+def ceph_installed() -> None:
+    require_ceph_daemons()
+
+
+@pytest.fixture(scope="session")
+def real_ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCeph]:
+    require_ceph_daemons()
+    cluster = RealCeph(tmp_path_factory.mktemp("ceph") / "cluster", HOSTS)
+    try:
+        cluster.start()
+        print(f"\nreal Ceph cluster HEALTH_OK after {cluster.start_seconds} s")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def cli(real_ceph: RealCeph) -> CephCli:
+    return CephCli(real_ceph.command, real_ceph.env(), timeout_s=15)

@@ -1,0 +1,546 @@
+"""A real, throw-away Ceph cluster on loopback: the twin's Ceph seam backed by the Debian daemons.
+
+One mon, one mgr and one BlueStore OSD per node (crush location ``host=<node>``), a replicated
+pool of size 3 / min_size 2 with failure domain ``host`` — the topology of the m720q cluster.
+Everything (config, keys, data, logs, sockets) lives inside ``workdir``. The daemons run in
+the foreground (``-f``) as children of this process, so the owner can always stop them and
+nothing outlives it: ``stop()`` sends SIGTERM, then SIGKILL, and removes ``workdir``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+DAEMONS = ("ceph-mon", "ceph-mgr", "ceph-osd")
+INSTALL_HINT = (
+    "run scripts/install-ceph.sh as root (apt-get install --no-install-recommends ceph-mon ceph-mgr ceph-osd)"
+)
+
+POOL = "rbd"
+PG_NUM = 16
+MON_ID = "a"
+MGR_ID = "x"
+
+# SIGTERM makes a daemon shut down cleanly (an OSD tells the mon to mark it down); one that
+# ignores it this long gets SIGKILL.
+STOP_GRACE_S = 4.5
+
+
+class CephStartError(RuntimeError):
+    """The throw-away cluster did not come up; the message names the step and the log to read."""
+
+
+def missing_daemons() -> list[str]:
+    """The Ceph daemon executables this machine lacks (empty when a real cluster can run)."""
+    return [d for d in (*DAEMONS, "ceph", "rados", "ceph-authtool", "monmaptool") if shutil.which(d) is None]
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (the kernel's choice, so two clusters differ)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    # PR_SET_PDEATHSIG: if the owner dies without calling stop() (SIGKILL, crash), the kernel
+    # sends the daemon SIGTERM, so no cluster outlives its owner.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
+
+
+@dataclass
+class _Daemon:
+    name: str  # mon.a, mgr.x, osd.0
+    argv: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+
+
+class RealCeph:
+    """A real Ceph cluster for the twin's Ceph seam (see docs/twin.md, "The Ceph seam").
+
+    ``RealCeph(workdir, ["m720q-1", "m720q-2", "m720q-3"]).start()`` returns once the cluster is
+    HEALTH_OK with every OSD up and in and every PG active+clean; ``start_seconds`` records how
+    long that took. ``command`` + ``env()`` is how a client reaches it with the real ``ceph`` CLI.
+    """
+
+    command: list[str]
+
+    def __init__(
+        self,
+        workdir: Path,
+        hosts: list[str],
+        osd_size: int = 4 * 1024**3,
+        pool_size: int = 3,
+        pool_min_size: int = 2,
+        start_timeout_s: float = 120.0,
+    ) -> None:
+        if not hosts:
+            raise ValueError("RealCeph needs at least one host: one OSD runs per host")
+        if len(set(hosts)) != len(hosts):
+            raise ValueError(f"RealCeph hosts must be distinct, got {hosts}")
+        self.workdir = Path(workdir)
+        self.hosts = list(hosts)
+        self.osd_size = osd_size
+        self.pool = POOL
+        self.pool_size = pool_size
+        self.pool_min_size = pool_min_size
+        self.start_timeout_s = start_timeout_s
+        self.command = ["ceph"]
+        self.conf = self.workdir / "ceph.conf"
+        self.start_seconds: float | None = None
+        self.osd_of_host = {host: i for i, host in enumerate(self.hosts)}
+        self._daemons: dict[str, _Daemon] = {}
+        self._lock = threading.RLock()
+        self._stopped = False
+        self._created_dir = False
+
+    # ---- the seam -------------------------------------------------------------------------
+
+    def env(self) -> dict[str, str]:
+        return {"CEPH_CONF": str(self.conf)}
+
+    def start(self) -> None:
+        missing = missing_daemons()
+        if missing:
+            raise CephStartError(
+                f"cannot start a real Ceph cluster: {', '.join(missing)} not installed; {INSTALL_HINT}"
+            )
+        t0 = time.monotonic()
+        if self.workdir.exists() and any(self.workdir.iterdir()):
+            raise CephStartError(
+                f"{self.workdir} is not empty; give RealCeph a fresh directory it may delete"
+            )
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._created_dir = True
+        atexit.register(self.stop)
+        try:
+            self._bootstrap()
+            deadline = time.monotonic() + self.start_timeout_s
+            self.wait_healthy(deadline)
+            self._seed_objects()
+            self.wait_healthy(deadline)
+        except BaseException:
+            self._kill_all()
+            raise
+        self.start_seconds = round(time.monotonic() - t0, 2)
+
+    def stop(self) -> None:
+        """Stop every daemon (SIGTERM, SIGKILL after a grace) and remove the work directory."""
+        with self._lock:
+            self._stopped = True
+            self._kill_all()
+            if self._created_dir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+                self._created_dir = False
+        atexit.unregister(self.stop)
+
+    def node_down(self, host: str) -> None:
+        """The node powers off: its OSD gets SIGTERM (a clean shutdown) and we wait for it to exit."""
+        name = f"osd.{self._osd_id(host)}"
+        with self._lock:
+            self._terminate([name])
+
+    def node_up(self, host: str) -> None:
+        """The node is back: its OSD starts again (no-op when it is running)."""
+        name = f"osd.{self._osd_id(host)}"
+        with self._lock:
+            if self._stopped:
+                raise CephStartError(
+                    f"cannot start {name} of {host}: the cluster in {self.workdir} was stopped"
+                )
+            d = self._daemons[name]
+            if d.proc is not None and d.proc.poll() is None:
+                return
+            self._spawn(d)
+
+    def health(self) -> str:
+        """HEALTH_OK | HEALTH_WARN | HEALTH_ERR; HEALTH_ERR too when the mon does not answer."""
+        try:
+            out = self.ceph("status", "-f", "json", timeout_s=10)
+        except (CephStartError, subprocess.TimeoutExpired):
+            return "HEALTH_ERR"
+        try:
+            return str(json.loads(out)["health"]["status"])
+        except (ValueError, KeyError, TypeError):
+            return "HEALTH_ERR"
+
+    # ---- helpers the owner may use --------------------------------------------------------
+
+    def osd_pid(self, host: str) -> int | None:
+        d = self._daemons.get(f"osd.{self._osd_id(host)}")
+        if d is None or d.proc is None or d.proc.poll() is not None:
+            return None
+        return d.proc.pid
+
+    def pids(self) -> dict[str, int]:
+        """The live daemons by name (mon.a, mgr.x, osd.N)."""
+        return {
+            n: d.proc.pid for n, d in self._daemons.items() if d.proc is not None and d.proc.poll() is None
+        }
+
+    def ceph(self, *args: str, timeout_s: float = 30.0) -> str:
+        """Run the real CLI against this cluster, bounded: without a mon it would hang forever."""
+        connect = max(1, int(timeout_s) - 1)
+        argv = [*self.command, "--connect-timeout", str(connect), *args]
+        proc = subprocess.run(
+            argv,
+            env={**os.environ, **self.env()},
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise CephStartError(
+                f"`{' '.join(['ceph', *args])}` exited {proc.returncode}: {proc.stderr.strip()[-400:]}"
+                f" (logs in {self.workdir / 'log'})"
+            )
+        return proc.stdout
+
+    def wait_healthy(self, deadline: float) -> None:
+        """Until HEALTH_OK, every OSD up and in, every PG active+clean; else CephStartError."""
+        last = "no answer from the mon yet"
+        while True:
+            self._check_alive()
+            try:
+                st = json.loads(self.ceph("status", "-f", "json", timeout_s=10))
+                osdmap = st.get("osdmap", {})
+                osdmap = osdmap.get("osdmap", osdmap)
+                pgs = st.get("pgmap", {})
+                clean = sum(
+                    s["count"] for s in pgs.get("pgs_by_state", []) if s["state_name"] == "active+clean"
+                )
+                n = len(self.hosts)
+                last = (
+                    f"{st['health']['status']} {sorted(st['health'].get('checks', {}))}, "
+                    f"osds up {osdmap.get('num_up_osds')}/{n} in {osdmap.get('num_in_osds')}/{n}, "
+                    f"pgs active+clean {clean}/{pgs.get('num_pgs')}"
+                )
+                if (
+                    st["health"]["status"] == "HEALTH_OK"
+                    and osdmap.get("num_osds") == n
+                    and osdmap.get("num_up_osds") == n
+                    and osdmap.get("num_in_osds") == n
+                    and pgs.get("num_pgs", 0) > 0
+                    and clean == pgs.get("num_pgs")
+                ):
+                    return
+            except (CephStartError, subprocess.TimeoutExpired, ValueError, KeyError) as e:
+                last = f"ceph status failed: {e}"
+            if time.monotonic() >= deadline:
+                raise CephStartError(
+                    f"Ceph cluster in {self.workdir} not healthy in time; last seen: {last}; "
+                    f"read {self.workdir / 'log'} for the daemons' logs"
+                )
+            time.sleep(0.25)
+
+    # ---- internals ------------------------------------------------------------------------
+
+    def _osd_id(self, host: str) -> int:
+        try:
+            return self.osd_of_host[host]
+        except KeyError:
+            raise ValueError(f"no OSD for host {host!r}; this cluster's hosts are {self.hosts}") from None
+
+    def _bootstrap(self) -> None:
+        w = self.workdir
+        for sub in ("run", "log", "crash", f"mon.{MON_ID}", f"mgr.{MGR_ID}"):
+            (w / sub).mkdir(parents=True, exist_ok=True)
+        fsid = str(uuid.uuid4())
+        v2, v1 = free_port(), free_port()
+        self.conf.write_text(self._conf_text(fsid, v2, v1))
+
+        mon_kr, admin_kr, mgr_kr = w / "mon.keyring", w / "admin.keyring", w / f"mgr.{MGR_ID}" / "keyring"
+        self._new_keyring(mon_kr, "mon.", {"mon": "allow *"})
+        admin_caps = {"mon": "allow *", "osd": "allow *", "mgr": "allow *", "mds": "allow *"}
+        self._new_keyring(admin_kr, "client.admin", admin_caps)
+        self._new_keyring(
+            mgr_kr, f"mgr.{MGR_ID}", {"mon": "allow profile mgr", "osd": "allow *", "mds": "allow *"}
+        )
+        self._run(["ceph-authtool", str(mon_kr), "--import-keyring", str(admin_kr)])
+        self._run(["ceph-authtool", str(mon_kr), "--import-keyring", str(mgr_kr)])
+        monmap = w / "monmap"
+        self._run(
+            [
+                "monmaptool",
+                "--create",
+                "--fsid",
+                fsid,
+                "--addv",
+                MON_ID,
+                f"[v2:127.0.0.1:{v2},v1:127.0.0.1:{v1}]",
+                str(monmap),
+            ]
+        )
+        self._run(
+            [
+                "ceph-mon",
+                "-c",
+                str(self.conf),
+                "--mkfs",
+                "-i",
+                MON_ID,
+                "--monmap",
+                str(monmap),
+                "--keyring",
+                str(mon_kr),
+            ]
+        )
+
+        self._add(f"mon.{MON_ID}", ["ceph-mon", "-f", "-c", str(self.conf), "-i", MON_ID])
+        self._add(f"mgr.{MGR_ID}", ["ceph-mgr", "-f", "-c", str(self.conf), "-i", MGR_ID])
+
+        # The pool first, so its PGs peer while the OSDs boot.
+        self.ceph("osd", "pool", "create", POOL, str(PG_NUM), str(PG_NUM), "replicated")
+        self.ceph("osd", "pool", "set", POOL, "size", str(self.pool_size), "--yes-i-really-mean-it")
+        self.ceph("osd", "pool", "set", POOL, "min_size", str(self.pool_min_size))
+        self.ceph("osd", "pool", "application", "enable", POOL, "rbd")
+
+        mkfs: list[tuple[int, subprocess.Popen[bytes]]] = []
+        for i in self.osd_of_host.values():
+            data = w / f"osd.{i}"
+            data.mkdir()
+            osd_uuid = str(uuid.uuid4())
+            key = self._run(["ceph-authtool", "--gen-print-key"]).strip()
+            secret = data / "new.json"
+            secret.write_text(json.dumps({"cephx_secret": key}))
+            self.ceph("osd", "new", osd_uuid, str(i), "-i", str(secret))
+            secret.unlink()
+            # --key only feeds mkfs; the daemon reads osd_data/keyring, which must be written here.
+            self._run(
+                [
+                    "ceph-authtool",
+                    "--create-keyring",
+                    str(data / "keyring"),
+                    "-n",
+                    f"osd.{i}",
+                    "--add-key",
+                    key,
+                ]
+            )
+            log = open(w / "log" / f"osd.{i}.mkfs.log", "wb")
+            with log:
+                mkfs.append(
+                    (
+                        i,
+                        subprocess.Popen(
+                            [
+                                "ceph-osd",
+                                "-c",
+                                str(self.conf),
+                                "-i",
+                                str(i),
+                                "--mkfs",
+                                "--osd-uuid",
+                                osd_uuid,
+                            ],
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL,
+                            preexec_fn=_die_with_parent,
+                        ),
+                    )
+                )
+            self._daemons[f"osd.{i}"] = _Daemon(
+                f"osd.{i}", ["ceph-osd", "-f", "-c", str(self.conf), "-i", str(i)]
+            )
+        for i, p in mkfs:
+            try:
+                rc = p.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                rc = -9
+            if rc != 0:
+                raise CephStartError(
+                    f"mkfs of osd.{i} failed (exit {rc}); read {w / 'log' / f'osd.{i}.mkfs.log'}"
+                )
+        for i in self.osd_of_host.values():
+            self._spawn(self._daemons[f"osd.{i}"])
+
+    def _seed_objects(self) -> None:
+        # Objects in every PG: only PGs holding data turn "degraded" (PG_DEGRADED) when an OSD
+        # goes; empty ones only turn "undersized", which no health check reports.
+        proc = subprocess.run(
+            [
+                "rados",
+                "-p",
+                POOL,
+                "bench",
+                "1",
+                "write",
+                "-b",
+                "4096",
+                "-t",
+                "4",
+                "--no-cleanup",
+                "--run-name",
+                "seed",
+            ],
+            env={**os.environ, **self.env()},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise CephStartError(
+                f"writing seed objects into pool {POOL} failed: {proc.stderr.strip()[-400:]}"
+            )
+
+    def _conf_text(self, fsid: str, v2: int, v1: int) -> str:
+        w = self.workdir
+        osd_sections = "".join(
+            f"\n[osd.{i}]\n# The node this OSD lives on: failure domain host, as on the real cluster.\n"
+            f"crush_location = root=default host={host}\n"
+            for host, i in self.osd_of_host.items()
+        )
+        # "$name"/"$id" are Ceph metavariables, expanded by each daemon.
+        return f"""[global]
+fsid = {fsid}
+mon_host = [v2:127.0.0.1:{v2},v1:127.0.0.1:{v1}]
+auth_cluster_required = cephx
+auth_service_required = cephx
+auth_client_required = cephx
+# Pacific raises AUTH_INSECURE_GLOBAL_ID_RECLAIM_ALLOWED unless this is off.
+auth_allow_insecure_global_id_reclaim = false
+run_dir = {w}/run
+crash_dir = {w}/crash
+log_file = {w}/log/$name.log
+osd_pool_default_size = {self.pool_size}
+osd_pool_default_min_size = {self.pool_min_size}
+osd_pool_default_pg_num = {PG_NUM}
+osd_pool_default_pgp_num = {PG_NUM}
+# PG counts that change under a test only cost time.
+osd_pool_default_pg_autoscale_mode = off
+ms_bind_ipv4 = true
+ms_bind_ipv6 = false
+# Test speed-ups: PG stats and health digests every second.
+mgr_stats_period = 1
+mgr_tick_period = 1
+mon_mgr_digest_period = 1
+# A hung (not killed) OSD is reported by its peers after 6 s instead of 20 s.
+osd_heartbeat_interval = 1
+osd_heartbeat_grace = 6
+
+[mon]
+mon_data = {w}/mon.$id
+pid_file = {w}/run/$name.pid
+admin_socket = {w}/run/$name.asok
+# The default warns at 30 % free; a shared dev disk is often below that (MON_DISK_LOW).
+mon_data_avail_warn = 2
+mon_data_avail_crit = 1
+mon_allow_pool_delete = true
+mon_allow_pool_size_one = false
+# Failure reports are counted per host (the default subtree level), as on the real cluster:
+# with one OSD per host, one reporting peer on another host is enough to mark an OSD down
+# fast. A killed or SIGTERMed OSD is marked down at once anyway (it says so, or peers get
+# "connection refused").
+mon_osd_reporter_subtree_level = host
+mon_osd_min_down_reporters = 1
+
+[mgr]
+mgr_data = {w}/mgr.$id
+pid_file = {w}/run/$name.pid
+admin_socket = {w}/run/$name.asok
+public_addr = 127.0.0.1
+
+[osd]
+osd_data = {w}/osd.$id
+pid_file = {w}/run/$name.pid
+admin_socket = {w}/run/$name.asok
+public_addr = 127.0.0.1
+cluster_addr = 127.0.0.1
+osd_objectstore = bluestore
+# BlueStore on a sparse file. It makes osd_data/block a symlink to this path, so the path
+# must not be osd_data/block itself (ELOOP).
+bluestore_block_path = {w}/osd.$id.block
+bluestore_block_create = true
+bluestore_block_size = {self.osd_size}
+bluestore_fsck_on_mount = false
+bluestore_fsck_on_mkfs = false
+osd_mon_report_interval = 1
+osd_crush_update_on_start = true
+{osd_sections}
+[client]
+keyring = {w}/admin.keyring
+log_file = /dev/null
+admin_socket =
+"""
+
+    def _new_keyring(self, path: Path, name: str, caps: dict[str, str]) -> None:
+        argv = ["ceph-authtool", "--create-keyring", str(path), "--gen-key", "-n", name]
+        for service, cap in caps.items():
+            argv += ["--cap", service, cap]
+        self._run(argv)
+
+    def _run(self, argv: list[str]) -> str:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        if proc.returncode != 0:
+            raise CephStartError(
+                f"`{argv[0]} {argv[1]}` exited {proc.returncode}: {proc.stderr.strip()[-400:]}"
+            )
+        return proc.stdout
+
+    def _add(self, name: str, argv: list[str]) -> None:
+        d = _Daemon(name, argv)
+        self._daemons[name] = d
+        self._spawn(d)
+
+    def _spawn(self, d: _Daemon) -> None:
+        out = open(self.workdir / "log" / f"{d.name}.stderr", "ab")
+        with out:
+            # PDEATHSIG fires when the *thread* that forked exits; only the main thread lives as
+            # long as the process, so elsewhere the atexit hook is the safety net.
+            pre = _die_with_parent if threading.current_thread() is threading.main_thread() else None
+            d.proc = subprocess.Popen(
+                d.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, preexec_fn=pre
+            )
+
+    def _check_alive(self) -> None:
+        for d in self._daemons.values():
+            if d.proc is not None and d.proc.poll() is not None and d.name in ("mon.a", "mgr.x"):
+                raise CephStartError(
+                    f"{d.name} exited with {d.proc.returncode}; read {self.workdir / 'log' / (d.name + '.log')}"
+                )
+
+    def _terminate(self, names: list[str]) -> None:
+        procs = [self._daemons[n].proc for n in names if n in self._daemons]
+        live = [p for p in procs if p is not None and p.poll() is None]
+        for p in live:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for p in live:
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+                p.wait(timeout=5)
+
+    def _kill_all(self) -> None:
+        # OSDs first (they tell the mon they are going), then mgr and mon; together under ~10 s.
+        osds = [n for n in self._daemons if n.startswith("osd.")]
+        self._terminate(osds)
+        self._terminate([n for n in self._daemons if n not in osds])
+
+    def __enter__(self) -> RealCeph:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

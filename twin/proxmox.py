@@ -1,0 +1,238 @@
+"""Proxmox VE of the simulated homelab: fakepve in a process of its own, seeded from cluster.yaml.
+
+The server (twin/pve_server.py) holds the Proxmox node, its storage, the Talos template VM and an API
+token with only the privileges provisioning uses. In the `synced` state the cluster's VMs exist, cloned
+and configured as cluster.yaml says, and run. Every VM power change is reported to `on_vm_power` (the
+twin boots a started VM into Talos maintenance mode), from a reader thread of this process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from homelab.config import ProxmoxCluster
+from homelab.provision import PROXMOX_TOKEN_PRIVILEGES
+
+log = logging.getLogger(__name__)
+
+PVE_SERVER = Path(__file__).with_name("pve_server.py")
+TEMPLATE_DISK_GIB = 8
+READY_TIMEOUT_SECONDS = 15.0
+STOP_TIMEOUT_SECONDS = 3.0
+
+
+class FakeProxmoxError(RuntimeError):
+    pass
+
+
+class FakeProxmox:
+    """The Proxmox API at https://127.0.0.1:<port> (fakepve's self-signed certificate: verify_ssl=False).
+
+    `launch()` starts the server process and returns at once; `wait_ready()` blocks until it listens.
+    `start()` does both. Call `launch()` early when other parts of the twin start meanwhile.
+    """
+
+    host = "127.0.0.1"
+
+    def __init__(
+        self,
+        cluster: ProxmoxCluster,
+        workdir: Path,
+        synced: bool,
+        on_vm_power: Callable[[str, int, bool], None],
+        *,
+        time_scale: float = 0.02,
+        start_seconds: float = 5.0,
+        user: str = "homelab@pve",
+        token_name: str = "provision",
+        least_privilege: bool = True,
+    ) -> None:
+        """time_scale: real seconds per PVE second (0: every task done before the request returns).
+        start_seconds: PVE seconds a VM start task runs, so that clients poll a running task."""
+        self.cluster = cluster
+        self.workdir = Path(workdir)
+        self.synced = synced
+        self.on_vm_power = on_vm_power
+        self.time_scale = time_scale
+        self.start_seconds = start_seconds
+        self.user = user
+        self.token_name = token_name
+        self.token_value = secrets.token_hex(16)
+        self.least_privilege = least_privilege
+        self.port = 0
+        self._proc: subprocess.Popen[str] | None = None
+        self._reader: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._error: str | None = None
+        self._acks: dict[int, threading.Event] = {}
+        self._next_id = 0
+        self._lock = threading.Lock()
+        self._stderr: IO[str] | None = None
+        self.failing = False
+
+    # --- what clients need --------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.host}:{self.port}"
+
+    @property
+    def node(self) -> str:
+        return self.cluster.proxmox.node
+
+    @property
+    def token_id(self) -> str:
+        return f"{self.user}!{self.token_name}"
+
+    def env(self) -> dict[str, str]:
+        """Environment lines for `twin up`'s env file (the token secret included: it is the twin's own)."""
+        return {"PROXMOX_URL": self.url, "PROXMOX_HOST": self.host, "PROXMOX_PORT": str(self.port),
+                "PROXMOX_USER": self.user, "PROXMOX_TOKEN_NAME": self.token_name,
+                "PROXMOX_TOKEN_VALUE": self.token_value, "PROXMOX_VERIFY_SSL": "false"}
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def seed(self) -> dict[str, Any]:
+        cfg = self.cluster
+        vms = [{"vmid": vm.vmid, "name": vm.name, "cores": vm.cores, "memory": vm.memory, "disk_gib": vm.disk,
+                "mac": vm.mac, "tags": vm.tags, "running": True} for vm in cfg.vms] if self.synced else []
+        return {
+            "node": cfg.proxmox.node, "storage": cfg.proxmox.storage, "bridge": cfg.proxmox.bridge,
+            "template": {"vmid": cfg.proxmox.template.vmid, "name": cfg.proxmox.template.name,
+                         "disk_gib": TEMPLATE_DISK_GIB},
+            "token": {"user": self.user, "name": self.token_name, "value": self.token_value},
+            "privileges": list(PROXMOX_TOKEN_PRIVILEGES) if self.least_privilege else None,
+            "vms": vms, "time_scale": self.time_scale, "start_seconds": self.start_seconds,
+        }
+
+    def launch(self) -> None:
+        if self._proc is not None:
+            raise FakeProxmoxError("the fake Proxmox API is already started; stop() it first")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._stderr = open(self.workdir / "proxmox.log", "w", encoding="utf-8")  # noqa: SIM115 - closed in stop()
+        self._ready.clear()
+        self._error = None
+        # By path, not `-m twin.pve_server`: the twin package's imports stay out of the server process.
+        self._proc = subprocess.Popen(
+            [sys.executable, str(PVE_SERVER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=self._stderr, text=True, bufsize=1, cwd=self.workdir, start_new_session=True)
+        assert self._proc.stdin is not None
+        # The seed (with the token secret) goes through the pipe: never on argv, never on disk.
+        self._proc.stdin.write(json.dumps(self.seed()) + "\n")
+        self._proc.stdin.flush()
+        self._reader = threading.Thread(target=self._read, name="fake-proxmox-events", daemon=True)
+        self._reader.start()
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_SECONDS) -> None:
+        if self._proc is None:
+            raise FakeProxmoxError("the fake Proxmox API was never launched; call launch() or start()")
+        if not self._ready.wait(timeout):
+            self.stop()
+            raise FakeProxmoxError(f"the fake Proxmox API did not listen within {timeout:.0f} s; "
+                                   f"see {self.workdir / 'proxmox.log'}")
+        if self._error is not None:
+            error = self._error
+            self.stop()
+            raise FakeProxmoxError(f"the fake Proxmox API did not start: {error}; see {self.workdir / 'proxmox.log'}")
+
+    def start(self) -> None:
+        self.launch()
+        self.wait_ready()
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            try:
+                if proc.stdin:
+                    proc.stdin.close()  # end of stdin: the server stops listening and exits
+            except OSError:
+                pass
+            try:
+                proc.wait(STOP_TIMEOUT_SECONDS)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(STOP_TIMEOUT_SECONDS)
+        if self._reader is not None:
+            self._reader.join(STOP_TIMEOUT_SECONDS)
+            self._reader = None
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+        self._ready.set()
+        for ev in self._acks.values():
+            ev.set()
+
+    def __enter__(self) -> FakeProxmox:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    # --- faults -------------------------------------------------------------------------------
+
+    def fail_tasks(self, on: bool) -> None:
+        """proxmox-task-fails: clone, config, resize and start tasks end `stopped` with an error exit
+        status and a task log line saying why, as Proxmox's do."""
+        self._command({"op": "fail_tasks", "on": bool(on)})
+        self.failing = bool(on)
+
+    def _command(self, cmd: dict[str, Any], timeout: float = 5.0) -> None:
+        proc = self._proc
+        if proc is None or proc.stdin is None or not self._ready.is_set():
+            raise FakeProxmoxError("the fake Proxmox API is not running; start() it first")
+        with self._lock:
+            self._next_id += 1
+            ident = self._next_id
+            ack = self._acks[ident] = threading.Event()
+            proc.stdin.write(json.dumps(dict(cmd, id=ident)) + "\n")
+            proc.stdin.flush()
+        try:
+            if not ack.wait(timeout) or self._proc is None:
+                raise FakeProxmoxError(f"the fake Proxmox API did not acknowledge {cmd['op']} within {timeout:.0f} s")
+        finally:
+            self._acks.pop(ident, None)
+
+    # --- events from the server ---------------------------------------------------------------
+
+    def _read(self) -> None:
+        proc = self._proc
+        assert proc is not None and proc.stdout is not None
+        for line in proc.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                log.warning("fake Proxmox API printed a line that is not an event: %r", line[:200])
+                continue
+            kind = event.get("event")
+            if kind == "ready":
+                self.port = int(event["port"])
+                self._ready.set()
+            elif kind == "error":
+                self._error = str(event.get("message"))
+                self._ready.set()
+            elif kind == "ack":
+                ack = self._acks.get(event.get("id"))
+                if ack is not None:
+                    ack.set()
+            elif kind == "power":
+                try:
+                    self.on_vm_power(str(event["name"]), int(event["vmid"]), bool(event["running"]))
+                except Exception:  # a twin-side handler bug must not end the event stream
+                    log.exception("on_vm_power(%s, %s, %s) failed", event.get("name"), event.get("vmid"),
+                                  event.get("running"))
+        if not self._ready.is_set():
+            self._error = f"the server process exited (code {proc.wait()}) before listening"
+            self._ready.set()
