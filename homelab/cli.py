@@ -64,6 +64,23 @@ def approve(
     typer.echo(f"run {run_id} {'rejected' if reject else 'approved'}")
 
 
+webhook_app = typer.Typer(no_args_is_help=True, help="The git push webhook receiver.")
+app.add_typer(webhook_app, name="webhook")
+
+
+@webhook_app.command("serve")
+def webhook_serve(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8780,
+    block: Annotated[str, typer.Option("--block", help="Webhook block holding the secret "
+                                                         "(HOMELAB_WEBHOOK_SECRET wins when set).")] = "default",
+) -> None:
+    """Receive git push webhooks (GitHub, Gitea, Forgejo) and turn them into Prefect events."""
+    from deployments.webhook import serve
+
+    serve(host=host, port=port, block=block)
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,198 @@
+"""Webhook receiver benchmark; prints one JSON line {"push_to_run_s_p50", "rps", "p99_ms", ...}.
+
+rps / p99_ms: signed valid pushes for a repository no trigger matches, sent by `--concurrency` clients
+for `--seconds`, to `homelab webhook serve` (the real entry point, its own process) posting to a real
+Prefect server (`prefect server start`, SQLite in a temp PREFECT_HOME, its own process). Each answer
+counts only as a 200, which the receiver sends after Prefect accepted the event.
+
+push_to_run_s_p50: push received → flow run created, one push at a time. It needs the git-push
+deployment served with its `homelab.git.push` trigger; `measure_push_to_run` is where that goes.
+
+    .venv/bin/python bench/webhook.py [--seconds 10] [--concurrency 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from deployments.webhook import GITHUB, sign  # noqa: E402
+
+SECRET = "bench-secret"
+SAMPLE = Path("/work/shared/realworld/webhooks/github__drone-go-scm__push.json")
+REPOSITORY = "bench/no-trigger-matches"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, process: subprocess.Popen[bytes], what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode} before answering {url}")
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not answer {url} within {timeout}s")
+        time.sleep(0.2)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=5)
+
+
+@contextmanager
+def prefect_server(home: Path) -> Iterator[tuple[str, int]]:
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_UI_ENABLED": "false", "PREFECT_API_URL": ""}
+    prefect = str(Path(sys.executable).parent / "prefect")
+    log = (home / "server.log").open("wb")
+    process = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+                               env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        api = f"http://127.0.0.1:{port}/api"
+        wait_http(f"{api}/health", process, "prefect server", timeout=90)
+        yield api, process.pid
+    finally:
+        stop(process)
+        log.close()
+
+
+@contextmanager
+def receiver(api_url: str, home: Path) -> Iterator[tuple[str, int]]:
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api_url,
+           "HOMELAB_WEBHOOK_SECRET": SECRET, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    log = (home / "receiver.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-c", f"from deployments.webhook import serve; serve('127.0.0.1', {port})"],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_http(f"{base}/healthz", process, "webhook receiver", timeout=60)
+        yield base, process.pid
+    finally:
+        stop(process)
+        log.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its reaped children (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def push_body() -> bytes:
+    raw = json.loads(SAMPLE.read_text())
+    raw["repository"]["full_name"] = REPOSITORY
+    return json.dumps(raw).encode()
+
+
+async def load(base: str, seconds: float, concurrency: int) -> dict[str, Any]:
+    body = push_body()
+    signature = sign(SECRET.encode(), body, GITHUB)
+    latencies: list[float] = []
+    failures: dict[int, int] = {}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base, timeout=10, limits=limits) as client:
+
+        async def one() -> None:
+            headers = {"Content-Type": "application/json", "X-GitHub-Event": "push",
+                       "X-GitHub-Delivery": str(uuid.uuid4()), "X-Hub-Signature-256": signature}
+            started = time.perf_counter()
+            response = await client.post("/hooks/git", content=body, headers=headers)
+            if response.status_code == 200:
+                latencies.append(time.perf_counter() - started)
+            else:
+                failures[response.status_code] = failures.get(response.status_code, 0) + 1
+
+        async def worker(deadline: float) -> None:
+            while time.perf_counter() < deadline:
+                await one()
+
+        warmup = time.perf_counter() + 1.0
+        await asyncio.gather(*(worker(warmup) for _ in range(concurrency)))
+        latencies.clear()
+        failures.clear()
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(started + seconds) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else None
+    p50 = latencies[len(latencies) // 2] if latencies else None
+    return {
+        "rps": round(len(latencies) / elapsed, 1),
+        "p99_ms": round(p99 * 1000, 1) if p99 is not None else None,
+        "p50_ms": round(p50 * 1000, 1) if p50 is not None else None,
+        "requests": len(latencies),
+        "failures": failures,
+        "concurrency": concurrency,
+    }
+
+
+def measure_push_to_run(base: str, api_url: str) -> float | None:
+    """Median seconds from a push's POST to the git-push flow run's creation, one push at a time.
+
+    To add once the git-push deployment and its trigger exist: serve it (deployments/serve.py) against
+    `api_url`, POST a signed push for the repository the trigger matches, and poll
+    `POST {api_url}/flow_runs/filter` (deployment id, created after the POST) for the new run.
+    """
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="homelab-bench-webhook-") as tmp:
+        home = Path(tmp)
+        with prefect_server(home) as (api_url, server_pid), receiver(api_url, home) as (base, receiver_pid):
+            pids = {"receiver": receiver_pid, "prefect": server_pid}
+            before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            client_before = time.process_time()
+            result = asyncio.run(load(base, args.seconds, args.concurrency))
+            # Where the CPU went during the run (warm-up included): the machine's 2 cores are shared.
+            result["cpu_s"] = {name: round(cpu_seconds(pid) - before[name], 2) for name, pid in pids.items()}
+            result["cpu_s"]["client"] = round(time.process_time() - client_before, 2)
+            health = httpx.get(f"{base}/healthz", timeout=5).json()
+            result["events_per_post"] = round(health["events_posted"] / max(health["posts"], 1), 1)
+            push_to_run = measure_push_to_run(base, api_url)
+    line: dict[str, Any] = {"push_to_run_s_p50": push_to_run, **result}
+    if push_to_run is None:
+        line["note"] = "push_to_run_s_p50 needs the git-push deployment and its homelab.git.push trigger"
+    print(json.dumps(line))
+
+
+if __name__ == "__main__":
+    main()
