@@ -64,6 +64,14 @@ def approve(
     typer.echo(f"run {run_id} {'rejected' if reject else 'approved'}")
 
 
+def _twin_app() -> typer.Typer:
+    from twin.cli import twin_app
+
+    return twin_app
+
+
+app.add_typer(_twin_app(), name="twin", help="The simulated homelab.")
+
 webhook_app = typer.Typer(no_args_is_help=True, help="The git push webhook receiver.")
 app.add_typer(webhook_app, name="webhook")
 

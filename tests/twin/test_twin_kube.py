@@ -1,0 +1,159 @@
+"""The twin's Kubernetes side through the real clients: Nodes, Flux controllers, Rook, faults."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes import client, config, watch
+
+KS = ("kustomize.toolkit.fluxcd.io", "v1", "flux-system", "kustomizations")
+
+
+def api(t: Any, cluster: str = "m720q") -> client.ApiClient:
+    return config.new_client_from_config(str(t.kubeconfig), context=f"admin@{cluster}")
+
+
+def request_reconcile(t: Any, name: str, kind: tuple[str, str, str, str] = KS) -> str:
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    client.CustomObjectsApi(api(t)).patch_namespaced_custom_object(
+        *kind[:3], kind[3], name, {"metadata": {"annotations": {"reconcile.fluxcd.io/requestedAt": stamp}}})
+    return stamp
+
+
+def wait_handled(t: Any, name: str, stamp: str, kind: tuple[str, str, str, str] = KS) -> dict[str, Any]:
+    done = threading.Event()
+    result: dict[str, Any] = {}
+    store = t.stores["m720q"]
+    kind_name = {"kustomizations": "Kustomization", "gitrepositories": "GitRepository"}[kind[3]]
+
+    def check(*_: Any) -> None:
+        obj = store.get(f"{kind[0]}/{kind[1]}", kind_name, kind[2], name)
+        st = obj.get("status") or {}
+        conds = {c["type"]: c for c in st.get("conditions") or []}
+        if st.get("lastHandledReconcileAt") == stamp and "Reconciling" not in conds:
+            result.update(obj)
+            done.set()
+    unsub = store.subscribe(check)
+    check()
+    assert done.wait(3), f"{name} never handled {stamp}"
+    unsub()
+    return result
+
+
+def ready(obj: dict[str, Any]) -> dict[str, Any]:
+    return next(c for c in obj["status"]["conditions"] if c["type"] == "Ready")
+
+
+def test_nodes_have_complete_status_for_the_typed_client(twin):
+    t = twin()
+    nodes = client.CoreV1Api(api(t)).list_node().items
+    assert [n.metadata.name for n in nodes] == ["m720q-1", "m720q-2", "m720q-3"]
+    info = nodes[0].status.node_info
+    assert info.os_image == "Talos (v1.11.4)" and info.kubelet_version == "v1.32.0"
+    assert info.kernel_version and info.container_runtime_version
+
+
+def test_kubectl_sees_nodes_and_cordon_reaches_talos_health(twin):
+    t = twin()
+    env = t.subprocess_env()
+    out = subprocess.run(["kubectl", "get", "nodes"], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "m720q-1   Ready" in out.stdout
+    out = subprocess.run(["kubectl", "cordon", "m720q-2"], env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert t.world.wait_for(lambda: t.world.node("m720q-2").unschedulable, 2)
+
+
+def test_a_reboot_shows_notready_then_ready_with_the_new_osimage_on_a_watch(twin):
+    from twin import talos
+    t = twin(reboot_seconds=0.3)
+    core = client.CoreV1Api(api(t))
+    rv = core.list_node().metadata.resource_version
+    seen: list[tuple[str, str]] = []
+
+    def follow() -> None:
+        for ev in watch.Watch().stream(core.list_node, resource_version=rv, field_selector="metadata.name=m720q-1",
+                                       timeout_seconds=5):
+            node = ev["object"]
+            cond = next(c.status for c in node.status.conditions if c.type == "Ready")
+            seen.append((cond, node.status.node_info.os_image))
+            if cond == "True" and node.status.node_info.os_image == "Talos (v1.11.5)":
+                return
+    th = threading.Thread(target=follow)
+    th.start()
+    _, err, code = talos.run(t.world, ["-n", "10.42.0.101", "upgrade", "--image", "ghcr.io/siderolabs/installer:v1.11.5"],
+                             {"TALOSCONFIG": str(t.talosconfig)})
+    assert code == 0, err
+    th.join(5)
+    statuses = [s for s, _ in seen]
+    assert "Unknown" in statuses and seen[-1] == ("True", "Talos (v1.11.5)")
+    assert statuses.index("Unknown") < len(statuses) - 1
+
+
+def test_kustomization_reconcile_honours_requested_at(twin):
+    t = twin()
+    stamp = request_reconcile(t, "infrastructure-core")
+    obj = wait_handled(t, "infrastructure-core", stamp)
+    head = t.git.head()
+    assert ready(obj)["status"] == "True" and ready(obj)["message"] == f"Applied revision: main@sha1:{head}"
+    assert obj["status"]["lastAppliedRevision"] == f"main@sha1:{head}"
+    assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
+    [rec] = t.record.reconciles_of("Kustomization", "infrastructure-core")
+    assert rec.ok and rec.end - rec.start >= 0.05
+
+
+def test_flux_fails_fault_sets_ready_false_with_a_message(twin):
+    t = twin(faults=["flux-fails=smokeping"])
+    stamp = request_reconcile(t, "smokeping")
+    obj = wait_handled(t, "smokeping", stamp)
+    assert ready(obj)["status"] == "False" and ready(obj)["reason"] == "ReconciliationFailed" and ready(obj)["message"]
+
+
+def test_dependency_not_ready_then_retried_when_the_dependency_becomes_ready(twin):
+    t = twin(faults=["flux-fails=rook-ceph-cluster"])
+    stamp = request_reconcile(t, "rook-ceph-cluster")
+    wait_handled(t, "rook-ceph-cluster", stamp)
+    stamp = request_reconcile(t, "smokeping")
+    obj = wait_handled(t, "smokeping", stamp)
+    assert ready(obj)["reason"] == "DependencyNotReady"
+    assert ready(obj)["message"] == "dependency 'flux-system/rook-ceph-cluster' is not ready"
+    t.clear("flux-fails")
+    request_reconcile(t, "rook-ceph-cluster")
+    assert t.world.wait_for(lambda: ready(t.stores["m720q"].get(
+        "kustomize.toolkit.fluxcd.io/v1", "Kustomization", "flux-system", "smokeping"))["status"] == "True", 3)
+    recs = t.record.reconciles_of("Kustomization")
+    last_dep = max(r.end for r in recs if r.name == "rook-ceph-cluster")
+    assert max(r.start for r in recs if r.name == "smokeping") >= last_dep
+
+
+def test_source_reconcile_reads_the_new_git_head_and_kustomizations_follow(twin):
+    t = twin()
+    (t.git.tree / "NEW").write_text("x\n")
+    head = t.git.commit_all("a change")
+    kind = ("source.toolkit.fluxcd.io", "v1", "flux-system", "gitrepositories")
+    stamp = request_reconcile(t, "flux-system", kind)
+    obj = wait_handled(t, "flux-system", stamp, kind)
+    assert obj["status"]["artifact"]["revision"] == f"main@sha1:{head}"
+    store = t.stores["m720q"]
+    assert t.world.wait_for(lambda: store.get("kustomize.toolkit.fluxcd.io/v1", "Kustomization", "flux-system", "sources")
+                            ["status"]["lastAppliedRevision"] == f"main@sha1:{head}", 3)
+
+
+def test_kube_flaky_fault_makes_the_api_answer_500s(twin):
+    t = twin(faults=["kube-flaky=1"])
+    out = subprocess.run(["kubectl", "get", "nodes", "--request-timeout=5s"], env=t.subprocess_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    t.clear("kube-flaky")
+    assert t.kube["m720q"].flaky_share == 0.0
+
+
+def test_homelab_api_is_unavailable_until_bootstrap_and_serves_nodes_when_synced(twin):
+    t = twin(state="synced")
+    assert t.kube["homelab"].available
+    names = [n.metadata.name for n in client.CoreV1Api(api(t, "homelab")).list_node().items]
+    assert names == ["homelab-cp-1", "homelab-worker-1"]
+    m = client.CoreV1Api(api(t)).list_node().items[0]
+    assert m.status.node_info.os_image == "Talos (v1.11.5)"

@@ -1,0 +1,371 @@
+"""The simulated homelab (see docs/twin.md): `Twin(tree, workdir).start()`, or `with Twin(...) as twin:`.
+
+Every endpoint listens on 127.0.0.1. Node addresses of the tree are labels that the twin's talosctl maps
+to its World.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shlex
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from twin.state import KUBE_FLAKY_DEFAULT_SHARE, Knobs, World, parse_fault, seed_world
+
+__all__ = ["Knobs", "Twin", "TwinError"]
+
+STOP_BUDGET_SECONDS = 10.0
+
+
+class TwinError(RuntimeError):
+    pass
+
+
+class Twin:
+    def __init__(self, tree: Path, workdir: Path, state: str = "pre-upgrade", faults: Iterable[str] = (),
+                 knobs: Knobs | None = None, ceph: str = "sim") -> None:
+        from homelab.config import load_tree
+
+        self.tree_src = Path(tree)
+        self.workdir = Path(workdir)
+        self.state = state
+        self.knobs = knobs or Knobs()
+        if ceph not in ("sim", "real"):
+            raise ValueError(f"ceph must be 'sim' or 'real', got {ceph!r}")
+        self.ceph_kind = ceph
+        self.tree = load_tree(self.tree_src)
+        if not self.tree.clusters:
+            problems = "; ".join(f"{p}" for p in self.tree.problems[:5]) or "no clusters/<name>/ directories"
+            raise TwinError(f"the GitOps tree at {self.tree_src} has no cluster the twin can simulate: {problems}")
+        self.world = World(self.knobs)
+        seed_world(self.world, self.tree, state)
+        self.record = self.world.record
+        self._initial_faults = [parse_fault(f) for f in faults]
+        for name, arg in self._initial_faults:
+            self._check_fault_target(name, arg)
+        self.bin_dir = self.workdir / "bin"
+        self.git_dir = self.workdir / "git"
+        self.kubeconfig = self.workdir / "kubeconfig"
+        self.talosconfig = self.workdir / "talosconfig"
+        self.env_file = self.workdir / "env"
+        self.kube: dict[str, Any] = {}
+        self.stores: dict[str, Any] = {}
+        self.proxmox: Any = None
+        self.ceph: Any = None
+        self.git: Any = None
+        self.control: Any = None
+        self.started_seconds: float | None = None
+        self._kube_token = secrets.token_hex(16)
+        self._parts: list[Any] = []
+        self._started = False
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> Twin:
+        t0 = time.monotonic()
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        self.started_seconds = time.monotonic() - t0
+        return self
+
+    def _start(self) -> None:
+        from twin import controllers, talos
+        from twin.control import ControlServer
+        from twin.gitrepo import GitRepo
+        from twin.kubeapi import KubeApiServer, KubeStore
+        from twin.shim import write_shim
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._started = True
+        # fakepve is a process of its own: launch it first so it starts while the rest does.
+        prox_cluster = next((c for c in self.tree.clusters.values() if c.proxmox is not None), None)
+        if prox_cluster is not None:
+            from twin.proxmox import FakeProxmox
+            self.proxmox = FakeProxmox(prox_cluster.proxmox, self.workdir / "proxmox", self.state == "synced",
+                                       self._on_vm_power)
+            self.proxmox.launch()
+            self._parts.append(self.proxmox)
+
+        ceph_cluster = next((c for c in self.world.clusters.values() if c.ceph), None)
+        ceph_hosts = list(ceph_cluster.nodes) if ceph_cluster else []
+        if self.ceph_kind == "real":
+            from twin.ceph_real import RealCeph
+            self.ceph = RealCeph(self.workdir / "ceph", ceph_hosts)
+        else:
+            from twin.ceph_sim import SimCeph
+            self.ceph = SimCeph(ceph_hosts, self.knobs.recovery_seconds,
+                                lambda name, arg=None: self.world.faults.has(name, arg))
+            self.ceph.command = [str(self.bin_dir / "ceph")]
+        self.ceph.start()
+        self._parts.append(self.ceph)
+        if ceph_cluster is not None:
+            ceph_name = ceph_cluster.name
+
+            def power(cluster: str, host: str, down: bool) -> None:
+                if cluster == ceph_name:
+                    (self.ceph.node_down if down else self.ceph.node_up)(host)
+            self.world.power_hooks.append(power)
+
+        self.git = GitRepo(self.git_dir)
+        self.git.init(self.tree_src)
+        revision = self.git.revision()
+
+        for name, cluster in self.world.clusters.items():
+            store = KubeStore()
+            server = KubeApiServer(store, token=self._kube_token)
+            server.available = cluster.bootstrapped
+            server.start()
+            self.stores[name] = store
+            self.kube[name] = server
+            self._parts.append(server)
+            self._seed_store(name, store, revision, with_ceph=cluster.ceph)
+
+        self.loop = controllers.Loop()
+        self.nodes = controllers.NodeLifecycle(self.world, self.stores, self.kube, self.loop)
+        self.flux = [controllers.Flux(name, store, self.world, self.git, self.loop) for name, store in self.stores.items()]
+        self.loop.start()
+        self.nodes.start()
+        for f in self.flux:
+            f.start()
+        self.rook = None
+        if ceph_cluster is not None:
+            self.rook = controllers.Rook(self.stores[ceph_cluster.name], self.ceph, self.world)
+            self.rook.start()
+
+        self.control = ControlServer(secrets.token_hex(16))
+        self.control.register("talosctl", lambda argv, cwd, env: talos.run(
+            self.world, argv, env, cwd, kubeconfig_for=self.kubeconfig_text))
+        self.control.start()
+        write_shim(self.bin_dir, "talosctl", self.control.url, self.control.token)
+        if self.ceph_kind == "sim":
+            self.control.register("ceph", lambda argv, cwd, env: self.ceph.run(argv))
+            write_shim(self.bin_dir, "ceph", self.control.url, self.control.token)
+
+        _write_private(self.kubeconfig, self.kubeconfig_text(None) or "")
+        _write_private(self.talosconfig, self.talosconfig_text())
+        if self.proxmox is not None:
+            self.proxmox.wait_ready()
+        # After every part is up: proxmox-task-fails is a command to the running fakepve.
+        for name, arg in self._initial_faults:
+            self.inject(name, arg)
+        _write_private(self.env_file, self.env_text())
+
+    def stop(self) -> None:
+        """Tear every part down (threads joined, servers closed, subprocesses ended) within 10 s."""
+        deadline = time.monotonic() + STOP_BUDGET_SECONDS
+        left = self.world.stop(timeout=3.0)
+        if getattr(self, "rook", None) is not None:
+            self.rook.stop()
+        for f in getattr(self, "flux", []):
+            f.stop()
+        if getattr(self, "nodes", None) is not None:
+            self.nodes.stop()
+        if getattr(self, "loop", None) is not None:
+            self.loop.stop()
+        if self.control is not None:
+            self.control.stop()
+        for part in reversed(self._parts):
+            if time.monotonic() > deadline:
+                break
+            try:
+                part.stop()
+            except Exception as e:  # stop the rest regardless
+                left.append(f"{type(part).__name__}: {e}")
+        self._parts.clear()
+        if self.env_file.exists():
+            self.env_file.unlink()
+        self.stop_leftovers = left
+
+    def __enter__(self) -> Twin:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # --- faults ----------------------------------------------------------------------------
+
+    def _check_fault_target(self, name: str, arg: str | None) -> None:
+        from twin.state import FAULTS
+        if FAULTS[name] == "host" and arg not in self.world.hosts():
+            raise ValueError(f"fault {name}={arg}: no node named {arg!r}; nodes: {', '.join(self.world.hosts())}")
+        if FAULTS[name] == "kustomization":
+            known = {k.name for c in self.tree.clusters.values() for k in c.flux.kustomizations.values()}
+            if arg not in known:
+                raise ValueError(f"fault {name}={arg}: no Kustomization named {arg!r}; known: {', '.join(sorted(known))}")
+
+    def inject(self, fault: str, arg: str | None = None) -> None:
+        """Turn a fault on at run time (`inject("upgrade-fails", "m720q-2")` or `inject("upgrade-fails=m720q-2")`)."""
+        name, arg = parse_fault(fault, arg)
+        self._check_fault_target(name, arg)
+        with self.world.lock:
+            self.world.faults.add(name, arg)
+        if name == "kube-flaky":
+            for server in self.kube.values():
+                server.flaky_share = float(arg) if arg else KUBE_FLAKY_DEFAULT_SHARE
+                server.added_latency_s = 0.05
+        if name == "proxmox-task-fails" and self.proxmox is not None:
+            self.proxmox.fail_tasks(True)
+        # node-never-ready bites at the node's next boot: a node Ready now stays so until it reboots.
+        self.world.changed()
+
+    def clear(self, fault: str, arg: str | None = None) -> None:
+        name, _, given = fault.partition("=")
+        from twin.state import FAULTS
+        if name not in FAULTS:
+            parse_fault(name)  # raises the ValueError naming the known faults
+        with self.world.lock:
+            self.world.faults.clear(name, arg or given or None)
+            if name == "node-never-ready":
+                c_arg = arg or given
+                for n in ([self.world.node(c_arg)] if c_arg else [x for c in self.world.clusters.values()
+                                                                 for x in c.nodes.values()]):
+                    if n is not None and n.talos_up and self.world.clusters[n.cluster].bootstrapped:
+                        n.ready = True
+        if name == "kube-flaky":
+            for server in self.kube.values():
+                server.flaky_share = 0.0
+                server.added_latency_s = 0.0
+        if name == "proxmox-task-fails" and self.proxmox is not None:
+            self.proxmox.fail_tasks(False)
+        if name == "ceph-stuck" and hasattr(self.ceph, "_notify"):
+            self.ceph._notify()
+        self.world.changed()
+
+    # --- files -----------------------------------------------------------------------------
+
+    def kubeconfig_text(self, cluster: str | None) -> str | None:
+        """A kubeconfig with context admin@<cluster> (one cluster, or every cluster when None)."""
+        names = [cluster] if cluster else sorted(self.kube, key=lambda n: (n != self._default_cluster(), n))
+        if any(n not in self.kube for n in names):
+            return None
+        cfg = {
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": n, "cluster": {"server": self.kube[n].url}} for n in names],
+            "users": [{"name": f"admin@{n}", "user": {"token": self._kube_token}} for n in names],
+            "contexts": [{"name": f"admin@{n}", "context": {"cluster": n, "user": f"admin@{n}",
+                                                             "namespace": "default"}} for n in names],
+            "current-context": f"admin@{names[0]}", "preferences": {},
+        }
+        return yaml.safe_dump(cfg, sort_keys=False)
+
+    def _default_cluster(self) -> str:
+        return next((c.name for c in self.world.clusters.values() if c.ceph), sorted(self.world.clusters)[0])
+
+    def talosconfig_text(self) -> str:
+        contexts = {}
+        for name, c in self.world.clusters.items():
+            cps = [n.ip for n in c.control_planes()]
+            contexts[name] = {"endpoints": cps, "nodes": cps[:1], "ca": _fake_pem("ca"), "crt": _fake_pem("crt"),
+                              "key": _fake_pem("key")}
+        return yaml.safe_dump({"context": self._default_cluster(), "contexts": contexts}, sort_keys=False)
+
+    def env(self) -> dict[str, str]:
+        env = {"KUBECONFIG": str(self.kubeconfig), "TALOSCONFIG": str(self.talosconfig)}
+        env.update(self.ceph.env() if self.ceph is not None else {})
+        if self.proxmox is not None:
+            env.update({"HOMELAB_PROXMOX_URL": self.proxmox.url, "HOMELAB_PROXMOX_TOKEN_ID": self.proxmox.token_id,
+                        "HOMELAB_PROXMOX_TOKEN_SECRET": self.proxmox.token_value})
+        return env
+
+    def env_text(self) -> str:
+        lines = [f"export {k}={shlex.quote(v)}" for k, v in self.env().items()]
+        lines.append(f'export PATH={shlex.quote(str(self.bin_dir))}:"$PATH"')
+        return "\n".join(lines) + "\n"
+
+    def subprocess_env(self) -> dict[str, str]:
+        """os.environ plus what the env file exports: for running the executables from tests."""
+        return {**os.environ, **self.env(), "PATH": f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+    # --- the Proxmox side ------------------------------------------------------------------
+
+    def _on_vm_power(self, name: str, vmid: int, running: bool) -> None:
+        n = self.world.node(name)
+        if n is None:
+            return
+        with self.world.lock:
+            if running and n.phase == "off":
+                if n.installed:
+                    self.world.update(n, phase="rebooting")
+                    self.world.spawn(lambda: self._boot(n), f"boot-{name}")
+                else:
+                    self.world.update(n, phase="maintenance", ready=False)
+            elif not running and n.phase != "off":
+                self.world.update(n, phase="off", ready=False, etcd_running=False)
+        if not running:
+            self.world.power(n, down=True)
+
+    def _boot(self, n: Any) -> None:
+        import uuid
+        if not self.world.sleep(self.knobs.reboot_seconds):
+            return
+        with self.world.lock:
+            if n.phase != "rebooting":
+                return
+            boot = self.world.clusters[n.cluster].bootstrapped
+            self.world.update(n, phase="running", boot_id=str(uuid.uuid4()), etcd_running=bool(n.etcd_member_id),
+                              ready=boot and not self.world.faults.has("node-never-ready", n.hostname))
+        self.world.power(n, down=False)
+
+    # --- seeding ---------------------------------------------------------------------------
+
+    def _seed_store(self, cluster: str, store: Any, revision: str, with_ceph: bool) -> None:
+        from twin import controllers as ctl
+        flux = self.tree.clusters[cluster].flux
+        namespaces = {"default", "kube-system", "flux-system"} | {k.namespace for k in flux.kustomizations.values()}
+        if with_ceph:
+            namespaces.add("rook-ceph")
+        for ns in sorted(namespaces):
+            store.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns},
+                          "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}})
+        sources = {(s.namespace, s.name): s for s in flux.sources.values() if s.kind == "GitRepository"}
+        for k in flux.kustomizations.values():
+            if k.source_kind == "GitRepository" and (k.source_namespace, k.source_name) not in sources:
+                sources[(k.source_namespace, k.source_name)] = None  # type: ignore[assignment]
+        for (ns, name), s in sorted(sources.items()):
+            url = (s.url if s is not None and s.url else f"file://{self.git_dir}")
+            store.create({
+                "apiVersion": ctl.SRC_API, "kind": "GitRepository", "metadata": {"name": name, "namespace": ns},
+                "spec": {"interval": "1m0s", "ref": {"branch": "main"}, "timeout": "60s", "url": url},
+                "status": {"observedGeneration": 1, "artifact": ctl.artifact(ns, name, revision),
+                           "conditions": [ctl.condition("Ready", "True", "Succeeded",
+                                                        f"stored artifact for revision '{revision}'", 1)]}})
+        for k in sorted(flux.kustomizations.values(), key=lambda k: k.key):
+            spec: dict[str, Any] = {"interval": k.interval or "10m0s", "path": k.path, "prune": True,
+                                    "sourceRef": {"kind": k.source_kind, "name": k.source_name,
+                                                  "namespace": k.source_namespace}}
+            if k.depends_on:
+                spec["dependsOn"] = [{"name": n, "namespace": ns} for ns, n in k.depends_on]
+            if k.suspend:
+                spec["suspend"] = True
+            store.create({
+                "apiVersion": ctl.KS_API, "kind": "Kustomization", "metadata": {"name": k.name, "namespace": k.namespace},
+                "spec": spec,
+                "status": {"observedGeneration": 1, "lastAppliedRevision": revision, "lastAttemptedRevision": revision,
+                           "conditions": [ctl.condition("Ready", "True", "ReconciliationSucceeded",
+                                                        f"Applied revision: {revision}", 1)]}})
+        if with_ceph:
+            store.create(ctl.ceph_cluster_object(self.ceph.health()))
+
+
+def _write_private(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _fake_pem(what: str) -> str:
+    # Not key material: the twin's talosctl never does TLS. Shaped like talosconfig's base64 PEM fields.
+    import base64
+    return base64.b64encode(f"-----BEGIN TWIN {what.upper()}-----\nnot-a-real-{what}\n-----END TWIN {what.upper()}-----\n"
+                            .encode()).decode()

@@ -1,0 +1,389 @@
+"""The twin's world: clusters of Talos nodes, the knobs of simulated time, faults and the record.
+
+One RLock guards everything; one Condition on it wakes every waiter (talosctl --wait, health,
+controllers) when anything changes. Times are time.monotonic().
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Phase = Literal["running", "rebooting", "maintenance", "installing", "off"]
+
+STATES = ("pre-upgrade", "synced")
+PRE_UPGRADE_TALOS = "v1.11.4"
+PRE_UPGRADE_KUBELET = "v1.32.0"
+
+# Faults that name a host, a Kustomization, an optional share, or nothing.
+FAULTS: dict[str, str] = {
+    "node-never-ready": "host",
+    "upgrade-fails": "host",
+    "ceph-stuck": "none",
+    "not-ok-to-stop": "host",
+    "etcd-unhealthy": "host",
+    "flux-fails": "kustomization",
+    "kube-flaky": "share",
+    "proxmox-task-fails": "none",
+}
+KUBE_FLAKY_DEFAULT_SHARE = 0.3
+
+
+@dataclass(frozen=True)
+class Knobs:
+    reboot_seconds: float = 1.0
+    recovery_seconds: float = 0.5
+    flux_delay_seconds: float = 0.2
+
+
+def parse_fault(text: str, arg: str | None = None) -> tuple[str, str | None]:
+    """``NAME=ARG`` or ``NAME`` (or name and arg apart) -> (name, arg); ValueError naming the known faults."""
+    name, sep, given = text.partition("=")
+    name = name.strip()
+    if arg is None and sep:
+        arg = given.strip()
+    if name not in FAULTS:
+        raise ValueError(f"unknown fault {name!r}; known faults: {', '.join(sorted(FAULTS))} "
+                         f"(give them as NAME=ARG, e.g. upgrade-fails=m720q-2)")
+    kind = FAULTS[name]
+    if kind in ("host", "kustomization") and not arg:
+        raise ValueError(f"fault {name} needs the {kind} it applies to: {name}=<{kind}>")
+    if kind == "none" and arg:
+        raise ValueError(f"fault {name} takes no argument, got {arg!r}")
+    if kind == "share" and arg:
+        try:
+            share = float(arg)
+        except ValueError:
+            raise ValueError(f"fault kube-flaky takes a share of failed requests between 0 and 1, got {arg!r}") from None
+        if not 0 <= share <= 1:
+            raise ValueError(f"fault kube-flaky takes a share of failed requests between 0 and 1, got {arg!r}")
+    return name, (arg or None)
+
+
+class Faults:
+    """The active faults: name -> set of arguments (None for an argument-less fault)."""
+
+    def __init__(self) -> None:
+        self._active: dict[str, set[str | None]] = {}
+
+    def add(self, name: str, arg: str | None) -> None:
+        self._active.setdefault(name, set()).add(arg)
+
+    def clear(self, name: str, arg: str | None = None) -> None:
+        if arg is None:
+            self._active.pop(name, None)
+        else:
+            self._active.get(name, set()).discard(arg)
+            if not self._active.get(name):
+                self._active.pop(name, None)
+
+    def has(self, name: str, arg: str | None = None) -> bool:
+        args = self._active.get(name)
+        if not args:
+            return False
+        return arg is None or arg in args
+
+    def args(self, name: str) -> set[str | None]:
+        return set(self._active.get(name, set()))
+
+    def active(self) -> list[str]:
+        return sorted(f"{n}={a}" if a else n for n, args in self._active.items() for a in args)
+
+
+@dataclass
+class Node:
+    cluster: str
+    hostname: str
+    ip: str
+    role: Literal["controlplane", "worker"]
+    talos_version: str
+    kubelet_version: str
+    installer_image: str
+    phase: Phase = "running"
+    ready: bool = True
+    unschedulable: bool = False
+    boot_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    etcd_member_id: str = ""  # 16 hex digits; empty for workers and before bootstrap/join
+    etcd_running: bool = False
+    installed: bool = True
+    machine_config: str = ""  # the applied machine config's YAML text
+    previous_version: str | None = None  # what `talosctl rollback` boots
+    staged_image: str | None = None  # `upgrade --stage`: installed at the next reboot
+    platform: str = "metal"
+
+    @property
+    def disrupted(self) -> bool:
+        return self.phase != "running" or not self.ready
+
+    @property
+    def talos_up(self) -> bool:
+        """The Talos API answers with certificates (installed and booted)."""
+        return self.phase == "running" and self.installed
+
+
+@dataclass
+class ClusterState:
+    name: str
+    nodes: dict[str, Node]
+    bootstrapped: bool
+    ceph: bool = False  # runs Rook Ceph on its nodes
+    kubernetes_version: str = PRE_UPGRADE_KUBELET
+
+    def control_planes(self) -> list[Node]:
+        return [n for n in self.nodes.values() if n.role == "controlplane"]
+
+    def etcd_members(self) -> list[Node]:
+        return [n for n in self.control_planes() if n.etcd_member_id]
+
+
+@dataclass
+class Disruption:
+    cluster: str
+    node: str
+    start: float
+    end: float | None = None
+
+
+@dataclass
+class Reconcile:
+    kind: str
+    namespace: str
+    name: str
+    start: float
+    end: float | None = None
+    ok: bool | None = None
+
+
+class Record:
+    """Every disruption interval per node and every Flux reconcile, for invariants in tests."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.disruptions: list[Disruption] = []
+        self.reconciles: list[Reconcile] = []
+
+    def node_down(self, cluster: str, node: str, at: float) -> None:
+        with self._lock:
+            if not any(d.cluster == cluster and d.node == node and d.end is None for d in self.disruptions):
+                self.disruptions.append(Disruption(cluster, node, at))
+
+    def node_up(self, cluster: str, node: str, at: float) -> None:
+        with self._lock:
+            for d in self.disruptions:
+                if d.cluster == cluster and d.node == node and d.end is None:
+                    d.end = at
+
+    def intervals(self, cluster: str | None = None) -> list[Disruption]:
+        with self._lock:
+            return [Disruption(d.cluster, d.node, d.start, d.end) for d in self.disruptions
+                    if cluster is None or d.cluster == cluster]
+
+    def max_concurrent(self, cluster: str) -> int:
+        """The largest number of this cluster's nodes disrupted at one instant."""
+        events: list[tuple[float, int]] = []
+        for d in self.intervals(cluster):
+            events.append((d.start, 1))
+            events.append((d.end if d.end is not None else float("inf"), -1))
+        # An interval that ends exactly when another starts does not overlap it: ends first.
+        events.sort(key=lambda e: (e[0], e[1]))
+        best = current = 0
+        for _, delta in events:
+            current += delta
+            best = max(best, current)
+        return best
+
+    def reconcile_started(self, kind: str, namespace: str, name: str, at: float) -> Reconcile:
+        r = Reconcile(kind, namespace, name, at)
+        with self._lock:
+            self.reconciles.append(r)
+        return r
+
+    def reconcile_ended(self, r: Reconcile, ok: bool, at: float) -> None:
+        with self._lock:
+            r.end, r.ok = at, ok
+
+    def reconciles_of(self, kind: str | None = None, name: str | None = None) -> list[Reconcile]:
+        with self._lock:
+            return [Reconcile(r.kind, r.namespace, r.name, r.start, r.end, r.ok) for r in self.reconciles
+                    if (kind is None or r.kind == kind) and (name is None or r.name == name)]
+
+
+class World:
+    """Clusters and nodes, guarded by one lock; change() wakes every waiter and listener."""
+
+    def __init__(self, knobs: Knobs | None = None) -> None:
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)
+        self.knobs = knobs or Knobs()
+        self.faults = Faults()
+        self.record = Record()
+        self.clusters: dict[str, ClusterState] = {}
+        self.version = 0
+        self.stopping = False
+        self._listeners: list[Callable[[], None]] = []
+        # (cluster, hostname, down) when a node powers off / is back: the Ceph seam hangs here.
+        self.power_hooks: list[Callable[[str, str, bool], None]] = []
+        self._threads: list[threading.Thread] = []
+        self._seen_up: set[tuple[str, str]] = set()
+
+    # --- lookups ---------------------------------------------------------------------------
+
+    def node_by_ip(self, ip: str) -> Node | None:
+        with self.lock:
+            for c in self.clusters.values():
+                for n in c.nodes.values():
+                    if n.ip == ip or n.hostname == ip:
+                        return n
+        return None
+
+    def node(self, hostname: str) -> Node | None:
+        with self.lock:
+            for c in self.clusters.values():
+                if hostname in c.nodes:
+                    return c.nodes[hostname]
+        return None
+
+    def hosts(self) -> list[str]:
+        with self.lock:
+            return [h for c in self.clusters.values() for h in c.nodes]
+
+    # --- change ----------------------------------------------------------------------------
+
+    def subscribe(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """fn() runs (under the lock: it must only hand the news on) after every change."""
+        with self.lock:
+            self._listeners.append(fn)
+
+        def unsubscribe() -> None:
+            with self.lock:
+                if fn in self._listeners:
+                    self._listeners.remove(fn)
+        return unsubscribe
+
+    def changed(self) -> None:
+        with self.lock:
+            self.version += 1
+            now = time.monotonic()
+            for c in self.clusters.values():
+                for n in c.nodes.values():
+                    # A disruption starts when a node that was up goes down; first boots are not one.
+                    if not n.disrupted:
+                        self._seen_up.add((c.name, n.hostname))
+                        self.record.node_up(c.name, n.hostname, now)
+                    elif (c.name, n.hostname) in self._seen_up:
+                        self.record.node_down(c.name, n.hostname, now)
+            self.cond.notify_all()
+            for fn in list(self._listeners):
+                fn()
+
+    def update(self, node: Node, **fields: Any) -> None:
+        with self.lock:
+            for k, v in fields.items():
+                if not hasattr(node, k):
+                    raise AttributeError(f"twin node has no field {k!r}")
+                setattr(node, k, v)
+            self.changed()
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """True once predicate() holds (checked under the lock), False at the deadline or on stop."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                if predicate():
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self.stopping:
+                    return False
+                self.cond.wait(remaining)
+
+    def sleep(self, seconds: float) -> bool:
+        """Simulated time passing; False when the twin stops meanwhile."""
+        deadline = time.monotonic() + seconds
+        with self.cond:
+            while not self.stopping:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return True
+                self.cond.wait(remaining)
+        return False
+
+    def spawn(self, fn: Callable[[], None], name: str) -> threading.Thread:
+        """A background activity (a reboot without --wait) that stop() joins."""
+        t = threading.Thread(target=fn, name=f"twin-{name}", daemon=True)
+        with self.lock:
+            self._threads = [x for x in self._threads if x.is_alive()]
+            self._threads.append(t)
+        t.start()
+        return t
+
+    def power(self, node: Node, down: bool) -> None:
+        """Tell the hooks (Ceph) that a node's disks went away or came back; outside the lock."""
+        for hook in list(self.power_hooks):
+            hook(node.cluster, node.hostname, down)
+
+    def stop(self, timeout: float = 5.0) -> list[str]:
+        """Wake every waiter and join the background activities; the names of those still alive."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+            threads = list(self._threads)
+        deadline = time.monotonic() + timeout
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return [t.name for t in threads if t.is_alive()]
+
+
+def new_member_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def seed_world(world: World, tree: Any, state: str) -> None:
+    """Clusters and nodes from the loaded k8s/ tree (homelab.config.Tree) in the given state."""
+    if state not in STATES:
+        raise ValueError(f"unknown twin state {state!r}; expected one of {', '.join(STATES)}")
+    synced = state == "synced"
+    with world.lock:
+        for name, c in sorted(tree.clusters.items()):
+            nodes: dict[str, Node] = {}
+            if c.talconfig is not None:
+                tal = c.talconfig
+                version = tal.talos_version if synced else PRE_UPGRADE_TALOS
+                kubelet = tal.kubernetes_version if synced else PRE_UPGRADE_KUBELET
+                for tn in tal.nodes:
+                    role: Literal["controlplane", "worker"] = "controlplane" if tn.control_plane else "worker"
+                    nodes[tn.hostname] = Node(
+                        cluster=name, hostname=tn.hostname, ip=tn.ip, role=role,
+                        talos_version=version, kubelet_version=_v(kubelet),
+                        installer_image=tal.installer_for(tn, version),
+                        etcd_member_id=new_member_id() if role == "controlplane" else "",
+                        etcd_running=role == "controlplane",
+                    )
+                world.clusters[name] = ClusterState(name, nodes, bootstrapped=True, ceph=True,
+                                                    kubernetes_version=_v(kubelet))
+            elif c.proxmox is not None:
+                px = c.proxmox
+                for vm in px.vms:
+                    nodes[vm.name] = Node(
+                        cluster=name, hostname=vm.name, ip=vm.ip, role=vm.role,
+                        talos_version=px.cluster.talos_version, kubelet_version=_v(px.cluster.kubernetes_version),
+                        installer_image=px.installer(px.cluster.talos_version), platform="nocloud",
+                        phase="running" if synced else "off", ready=synced, installed=synced,
+                        etcd_member_id=new_member_id() if synced and vm.role == "controlplane" else "",
+                        etcd_running=synced and vm.role == "controlplane",
+                    )
+                world.clusters[name] = ClusterState(name, nodes, bootstrapped=synced, ceph=False,
+                                                    kubernetes_version=_v(px.cluster.kubernetes_version))
+        world.changed()
+
+
+def _v(version: str) -> str:
+    return version if version.startswith("v") else f"v{version}"
+
+
+def all_nodes(world: World, cluster: str | None = None) -> Iterable[Node]:
+    with world.lock:
+        return [n for c in world.clusters.values() if cluster in (None, c.name) for n in c.nodes.values()]

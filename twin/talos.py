@@ -1,0 +1,988 @@
+"""`talosctl` v1.11 semantics and output formats, run against the twin's World.
+
+`run(world, argv, env, cwd)` is one talosctl invocation: (stdout, stderr, exit code). Node
+addresses (10.42.0.x) are labels looked up in the World; nothing here touches the network.
+Long commands (upgrade --wait, health) block the calling thread on the World's condition.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from twin.state import ClusterState, Node, World, new_member_id
+
+CLIENT_VERSION = "v1.11.5"
+GO_VERSION = "go1.24.9"
+BUILT = "2025-11-04T10:40:53Z"
+TALOS_PORT = 50000
+
+Result = tuple[str, str, int]
+KubeconfigFor = Callable[[str], "str | None"]
+
+
+class UsageError(Exception):
+    pass
+
+
+# --- flags -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Flag:
+    name: str
+    short: str | None = None
+    kind: str = "str"  # str | bool | list | dur
+    default: Any = None
+
+
+GLOBAL_FLAGS = [
+    Flag("talosconfig"), Flag("context"), Flag("nodes", "n", "list", []), Flag("endpoints", "e", "list", []),
+    Flag("cluster"), Flag("help", "h", "bool", False),
+]
+
+COMMAND_FLAGS: dict[str, list[Flag]] = {
+    "version": [Flag("json", None, "bool", False), Flag("short", None, "bool", False),
+                Flag("client", None, "bool", False), Flag("insecure", "i", "bool", False)],
+    "upgrade": [Flag("image", "i"), Flag("wait", None, "bool", True), Flag("timeout", None, "dur", 1800.0),
+                Flag("reboot-mode", "m", "str", "default"), Flag("stage", "s", "bool", False),
+                Flag("force", "f", "bool", False), Flag("insecure", None, "bool", False),
+                Flag("debug", None, "bool", False), Flag("preserve", "p", "bool", False)],
+    "upgrade-k8s": [Flag("to"), Flag("from"), Flag("dry-run", None, "bool", False),
+                    Flag("pre-pull-images", None, "bool", True), Flag("upgrade-kubelet", None, "bool", True),
+                    Flag("endpoint")],
+    "etcd": [],
+    "health": [Flag("wait-timeout", None, "dur", 1200.0), Flag("server", None, "bool", True),
+               Flag("control-plane-nodes", None, "list", []), Flag("worker-nodes", None, "list", []),
+               Flag("init-node"), Flag("k8s-endpoint"), Flag("run-e2e", None, "bool", False)],
+    "get": [Flag("output", "o", "str", "table"), Flag("namespace"), Flag("watch", "w", "bool", False),
+            Flag("insecure", "i", "bool", False)],
+    "apply-config": [Flag("file", "f"), Flag("dry-run", None, "bool", False), Flag("insecure", "i", "bool", False),
+                     Flag("mode", "m", "str", "auto"), Flag("config-patch", "p", "list", []),
+                     Flag("timeout", None, "dur", 60.0), Flag("cert-fingerprint", None, "list", [])],
+    "bootstrap": [Flag("recover-from"), Flag("recover-skip-hash-check", None, "bool", False)],
+    "kubeconfig": [Flag("force", "f", "bool", False), Flag("merge", "m", "bool", True),
+                   Flag("force-context-name")],
+    "rollback": [],
+    "reboot": [Flag("wait", None, "bool", True), Flag("mode", "m", "str", "default"), Flag("timeout", None, "dur", 1800.0),
+               Flag("debug", None, "bool", False)],
+}
+COMMAND_FLAGS["apply"] = COMMAND_FLAGS["apply-config"]
+
+USAGE = {
+    "version": "talosctl version [flags]",
+    "upgrade": "talosctl upgrade [flags]",
+    "upgrade-k8s": "talosctl upgrade-k8s [flags]",
+    "etcd": "talosctl etcd [command]",
+    "health": "talosctl health [flags]",
+    "get": "talosctl get <type> [<id>] [flags]",
+    "apply-config": "talosctl apply-config [flags]",
+    "bootstrap": "talosctl bootstrap [flags]",
+    "kubeconfig": "talosctl kubeconfig [local-path] [flags]",
+    "rollback": "talosctl rollback [flags]",
+    "reboot": "talosctl reboot [flags]",
+}
+
+
+def parse_duration(text: str) -> float:
+    """A Go duration (30m, 1h30m, 90s, 500ms) in seconds."""
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        raise UsageError(f'invalid argument "{text}": time: missing unit in duration "{text}"')
+    total, pos = 0.0, 0
+    for m in re.finditer(r"(\d+(?:\.\d+)?)(ns|us|ms|s|m|h)", text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or not text:
+        raise UsageError(f'invalid argument "{text}": time: invalid duration "{text}"')
+    return total
+
+
+def parse_args(argv: list[str], flags: list[Flag]) -> tuple[dict[str, Any], list[str]]:
+    """cobra/pflag parsing: --name value, --name=value, -x value, -xvalue, bool flags only as --b[=v]."""
+    by_long = {f.name: f for f in flags}
+    by_short = {f.short: f for f in flags if f.short}
+    values: dict[str, Any] = {f.name: (list(f.default) if isinstance(f.default, list) else f.default) for f in flags}
+    positional: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            positional.extend(argv[i + 1:])
+            break
+        if a.startswith("--"):
+            name, eq, val = a[2:].partition("=")
+            f = by_long.get(name)
+            if f is None:
+                raise UsageError(f"unknown flag: --{name}")
+        elif a.startswith("-") and len(a) > 1:
+            f = by_short.get(a[1])
+            if f is None:
+                raise UsageError(f"unknown shorthand flag: '{a[1]}' in {a}")
+            rest = a[2:]
+            eq, val = ("=", rest[1:]) if rest.startswith("=") else (("=", rest) if rest else ("", ""))
+        else:
+            positional.append(a)
+            i += 1
+            continue
+        if f.kind == "bool":
+            if eq:
+                if val.lower() not in ("true", "false", "1", "0", "t", "f"):
+                    raise UsageError(f'invalid argument "{val}" for "--{f.name}" flag: strconv.ParseBool: parsing "{val}": invalid syntax')
+                values[f.name] = val.lower() in ("true", "1", "t")
+            else:
+                values[f.name] = True
+            i += 1
+            continue
+        if not eq:
+            if i + 1 >= len(argv):
+                raise UsageError(f"flag needs an argument: --{f.name}")
+            val = argv[i + 1]
+            i += 2
+        else:
+            i += 1
+        if f.kind == "list":
+            values[f.name].extend(v.strip() for v in val.split(",") if v.strip())
+        elif f.kind == "dur":
+            values[f.name] = parse_duration(val)
+        else:
+            values[f.name] = val
+    return values, positional
+
+
+# --- output helpers --------------------------------------------------------------------------
+
+
+def table(rows: list[list[str]]) -> str:
+    """Go text/tabwriter with padding 3 (talosctl's tables); trailing blanks dropped."""
+    widths: dict[int, int] = {}
+    for r in rows:
+        for j, c in enumerate(r[:-1]):
+            widths[j] = max(widths.get(j, 0), len(c))
+    lines = []
+    for r in rows:
+        parts = [c.ljust(widths[j] + 3) if j < len(r) - 1 else c for j, c in enumerate(r)]
+        lines.append("".join(parts).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def multierror(action: str, errors: list[tuple[str, str]]) -> str:
+    n = len(errors)
+    body = "".join(f"\t* {ip}: {msg}\n" for ip, msg in errors)
+    return f"error {action}: {n} error{'s' if n > 1 else ''} occurred:\n{body}\n"
+
+
+def unavailable(ip: str, why: str) -> str:
+    return (f'rpc error: code = Unavailable desc = connection error: desc = "transport: Error while dialing: '
+            f'dial tcp {ip}:{TALOS_PORT}: {why}"')
+
+
+def sha_of(tag: str) -> str:
+    return hashlib.sha1(tag.encode()).hexdigest()[:8]
+
+
+def humanize_bytes(n: int) -> str:
+    """go-humanize Bytes (SI): 21 MB, 6.0 MB, 3.6 MB."""
+    if n < 10:
+        return f"{n} B"
+    units = ["B", "kB", "MB", "GB", "TB"]
+    e = 0
+    v = float(n)
+    while v >= 1000 and e < len(units) - 1:
+        v /= 1000
+        e += 1
+    return f"{v:.1f} {units[e]}" if v < 10 else f"{v:.0f} {units[e]}"
+
+
+def tag_of(image: str) -> str:
+    return image.rsplit(":", 1)[1] if ":" in image.rsplit("/", 1)[-1] else "latest"
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+@dataclass
+class Invocation:
+    world: World
+    env: dict[str, str]
+    cwd: Path
+    kubeconfig_for: KubeconfigFor | None
+    nodes: list[str] = field(default_factory=list)
+    node_column: bool = True
+    cluster_hint: str | None = None
+    out: list[str] = field(default_factory=list)
+    err: list[str] = field(default_factory=list)
+
+    def path(self, p: str) -> Path:
+        q = Path(os.path.expanduser(p))
+        return q if q.is_absolute() else self.cwd / q
+
+
+def run(world: World, argv: list[str], env: dict[str, str], cwd: str | Path | None = None,
+        kubeconfig_for: KubeconfigFor | None = None) -> Result:
+    """One talosctl invocation against the world."""
+    inv = Invocation(world, dict(env), Path(cwd or os.getcwd()), kubeconfig_for)
+    try:
+        return _dispatch(inv, list(argv))
+    except UsageError as e:
+        cmd = next((a for a in argv if not a.startswith("-")), "")
+        usage = USAGE.get(cmd, "talosctl [command]")
+        return "", f"Error: {e}\nUsage:\n  {usage}\n\nUse \"talosctl {cmd + ' ' if cmd else ''}--help\" for more information.\n", 1
+
+
+def _split_command(argv: list[str]) -> tuple[str | None, list[str]]:
+    """The subcommand name (first positional, skipping global flags with values) and the rest."""
+    takes_value = {"--talosconfig", "--context", "--nodes", "-n", "--endpoints", "-e", "--cluster"}
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in takes_value:
+            i += 2
+            continue
+        if a.startswith("-"):
+            i += 1
+            continue
+        return a, argv[:i] + argv[i + 1:]
+    return None, argv
+
+
+def _dispatch(inv: Invocation, argv: list[str]) -> Result:
+    cmd, rest = _split_command(argv)
+    if cmd is None:
+        if "--help" in argv or "-h" in argv:
+            return "Usage:\n  talosctl [command]\n", "", 0
+        raise UsageError("a command is required")
+    if cmd == "apply":
+        cmd = "apply-config"
+    if cmd not in COMMAND_FLAGS:
+        raise UsageError(f'unknown command "{cmd}" for "talosctl"')
+    flags, pos = parse_args(rest, GLOBAL_FLAGS + COMMAND_FLAGS[cmd])
+    if flags["help"]:
+        return f"Usage:\n  {USAGE.get(cmd, cmd)}\n", "", 0
+    _resolve_targets(inv, flags)
+    handler = HANDLERS[cmd]
+    return handler(inv, flags, pos)
+
+
+def _resolve_targets(inv: Invocation, flags: dict[str, Any]) -> None:
+    """Nodes from -n, else the talosconfig context's nodes, else its first endpoint (no NODE column)."""
+    path = flags["talosconfig"] or inv.env.get("TALOSCONFIG") or os.path.expanduser("~/.talos/config")
+    cfg: dict[str, Any] = {}
+    try:
+        cfg = yaml.safe_load(inv.path(path).read_text()) or {}
+    except FileNotFoundError:
+        if not flags["nodes"]:
+            raise UsageError(f"failed to open config file {path!r}: no such file or directory") from None
+    except (OSError, yaml.YAMLError) as e:
+        raise UsageError(f"failed to read config file {path!r}: {e}") from None
+    name = flags["context"] or cfg.get("context")
+    contexts = cfg.get("contexts") or {}
+    ctx = contexts.get(name) if name else None
+    if name and ctx is None and cfg:
+        raise UsageError(f"context {name!r} is not defined in {path!r}")
+    ctx = ctx or {}
+    endpoints = flags["endpoints"] or list(ctx.get("endpoints") or [])
+    nodes = flags["nodes"] or list(ctx.get("nodes") or [])
+    if not endpoints and not nodes:
+        raise UsageError("failed to determine endpoints")
+    inv.cluster_hint = name
+    if nodes:
+        inv.nodes, inv.node_column = nodes, True
+    else:
+        inv.nodes, inv.node_column = endpoints[:1], False
+
+
+def _reach(inv: Invocation, ip: str, insecure: bool = False) -> tuple[Node | None, str | None]:
+    """The node at ip if its Talos API answers this kind of connection, else the client's error."""
+    n = inv.world.node_by_ip(ip)
+    with inv.world.lock:
+        if n is None or n.phase == "off":
+            return None, unavailable(ip, "connect: no route to host")
+        if n.phase in ("rebooting", "installing"):
+            return None, unavailable(ip, "connect: connection refused")
+        if n.phase == "maintenance" and not insecure:
+            return None, ('rpc error: code = Unavailable desc = connection error: desc = "transport: authentication '
+                          'handshake failed: tls: failed to verify certificate: x509: certificate signed by unknown authority"')
+        if n.phase == "running" and insecure:
+            return None, ('rpc error: code = Unavailable desc = connection error: desc = "error reading server preface: '
+                          'remote error: tls: certificate required"')
+        return n, None
+
+
+def _done(inv: Invocation, code: int = 0) -> Result:
+    return "".join(inv.out), "".join(inv.err), code
+
+
+# --- version ---------------------------------------------------------------------------------
+
+
+def cmd_version(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Result:
+    if flags["json"]:
+        errors = []
+        for ip in inv.nodes:
+            n, err = _reach(inv, ip, flags["insecure"])
+            if n is None:
+                errors.append((ip, err or ""))
+                continue
+            inv.out.append(json.dumps(_version_message(n), separators=(",", ":")) + "\n")
+        if errors:
+            inv.err.append(multierror("getting version", errors))
+            return _done(inv, 1)
+        return _done(inv)
+    inv.out.append(f"Client:\n    Tag:         {CLIENT_VERSION}\n    SHA:         {sha_of(CLIENT_VERSION)}\n"
+                   f"    Built:\n    Go version:  {GO_VERSION}\n    OS/Arch:     linux/amd64\n")
+    if flags["client"]:
+        return _done(inv)
+    inv.out.append("Server:\n")
+    errors = []
+    for ip in inv.nodes:
+        n, err = _reach(inv, ip, flags["insecure"])
+        if n is None:
+            errors.append((ip, err or ""))
+            continue
+        node_line = f"    NODE:        {ip}\n" if inv.node_column else ""
+        inv.out.append(f"{node_line}    Tag:         {n.talos_version}\n    SHA:         {sha_of(n.talos_version)}\n"
+                       f"    Built:\n    Go version:  {GO_VERSION}\n    OS/Arch:     linux/amd64\n"
+                       f"    Enabled:     RBAC\n")
+    if errors:
+        inv.err.append(multierror("getting version", errors))
+        return _done(inv, 1)
+    return _done(inv)
+
+
+def _version_message(n: Node) -> dict[str, Any]:
+    platform = {"name": "metal", "mode": "metal"} if n.platform == "metal" else {"name": n.platform, "mode": "cloud"}
+    hostname = n.hostname if n.phase != "maintenance" else f"talos-{sha_of(n.ip)[:3]}-{sha_of(n.hostname)[:3]}"
+    return {"metadata": {"hostname": hostname},
+            "version": {"tag": n.talos_version, "sha": sha_of(n.talos_version), "built": BUILT,
+                        "goVersion": GO_VERSION, "os": "linux", "arch": "amd64"},
+            "platform": platform,
+            "features": {"rbac": True}}
+
+
+# --- reboots (upgrade, rollback, reboot) -----------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    done: threading.Event = field(default_factory=threading.Event)
+    error: str | None = None
+
+
+def reboot_node(world: World, n: Node, new_image: str | None, outcome: Outcome, *, rollback: bool = False) -> None:
+    """cordon -> reboot (NotReady, etcd member and OSD down) -> back at the new version, uncordoned."""
+    try:
+        with world.lock:
+            world.update(n, unschedulable=True)
+            old_version = n.talos_version
+            fails = new_image is not None and world.faults.has("upgrade-fails", n.hostname)
+            world.update(n, phase="rebooting", ready=False, etcd_running=False)
+        world.power(n, down=True)
+        if not world.sleep(world.knobs.reboot_seconds):
+            return
+        with world.lock:
+            fields: dict[str, Any] = {}
+            if rollback and n.previous_version:
+                fields = {"talos_version": n.previous_version, "previous_version": old_version,
+                          "installer_image": n.installer_image.rsplit(":", 1)[0] + ":" + n.previous_version}
+            elif new_image is not None and not fails:
+                fields = {"talos_version": tag_of(new_image), "installer_image": new_image,
+                          "previous_version": old_version, "staged_image": None}
+            elif fails:
+                outcome.error = ('sequence error: sequence failed: error running phase 6 in upgrade sequence: task 1/1: '
+                                 f'failed, failed to install: failed to run installer "{new_image}": exit status 1')
+            cluster = world.clusters[n.cluster]
+            never = world.faults.has("node-never-ready", n.hostname)
+            world.update(n, phase="running", boot_id=str(uuid.uuid4()), etcd_running=bool(n.etcd_member_id),
+                         ready=cluster.bootstrapped and not never, unschedulable=False, **fields)
+        world.power(n, down=False)
+    finally:
+        with world.cond:
+            outcome.done.set()
+            world.cond.notify_all()
+
+
+def _tracked_reboot(inv: Invocation, flags: dict[str, Any], action: str,
+                    prepare: Callable[[Node], tuple[str | None, bool] | str]) -> Result:
+    """Start a reboot on every node; with --wait follow it like talosctl's action tracker."""
+    world = inv.world
+    started: list[tuple[str, Node, str, Outcome]] = []
+    errors: list[tuple[str, str]] = []
+    for ip in inv.nodes:
+        n, err = _reach(inv, ip, flags.get("insecure", False))
+        if n is None:
+            errors.append((ip, err or ""))
+            continue
+        prep = prepare(n)
+        if isinstance(prep, str):
+            errors.append((ip, prep))
+            continue
+        image, rollback = prep
+        outcome = Outcome()
+        boot = n.boot_id  # before the reboot starts: --wait tracks until it changed
+        world.spawn(lambda n=n, image=image, outcome=outcome, rollback=rollback:
+                    reboot_node(world, n, image, outcome, rollback=rollback), f"{action}-{n.hostname}")
+        started.append((ip, n, boot, outcome))
+    if errors and not started:
+        inv.err.append(multierror(f"performing {action}", errors))
+        return _done(inv, 1)
+    if not flags.get("wait", True):
+        now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f %z UTC")
+        ack = {"upgrade": "Upgrade request received", "rollback": "Rollback request received",
+               "reboot": "Reboot request received"}[action]
+        rows = [["NODE", "ACK", "STARTED"]] + [[ip, ack, now] for ip, *_ in started]
+        inv.out.append(table(rows))
+        if errors:
+            inv.err.append(multierror(f"performing {action}", errors))
+            return _done(inv, 1)
+        return _done(inv)
+    inv.err.append(f"watching nodes: [{' '.join(ip for ip, *_ in started)}]\n")
+    deadline = time.monotonic() + flags.get("timeout", 1800.0)
+    for ip, n, boot, outcome in started:
+        inv.err.append(f"    * {ip}: task: {action} action: START\n    * {ip}: unavailable, retrying...\n")
+        ok = world.wait_for(lambda n=n, boot=boot, outcome=outcome: outcome.done.is_set() and n.boot_id != boot
+                            and n.phase == "running", max(0.0, deadline - time.monotonic()))
+        if not ok:
+            errors.append((ip, "context deadline exceeded" if not world.stopping else "the simulated homelab stopped"))
+        elif outcome.error:
+            errors.append((ip, outcome.error))
+        else:
+            inv.err.append(f"    * {ip}: events check condition met\n    * {ip}: post check passed\n")
+    if errors:
+        inv.err.append(multierror(f"performing {action}", errors))
+        return _done(inv, 1)
+    return _done(inv)
+
+
+def etcd_upgrade_check(world: World, n: Node) -> str | None:
+    """Talos's etcd ValidateForUpgrade for a control plane: the refusal text, or None."""
+    if n.role != "controlplane":
+        return None
+    with world.lock:
+        members = world.clusters[n.cluster].etcd_members()
+        if len(members) == 2:
+            return ("rpc error: code = Unknown desc = error validating etcd for upgrade: etcd member count(2) is "
+                    "insufficient to maintain quorum if upgrade commences")
+        for m in members:
+            if not m.etcd_running or world.faults.has("etcd-unhealthy", m.hostname):
+                return (f"rpc error: code = Unknown desc = error validating etcd for upgrade: etcd member "
+                        f"{int(m.etcd_member_id, 16)} is not healthy; all members must be healthy to perform an "
+                        f"upgrade: context deadline exceeded")
+    return None
+
+
+def cmd_upgrade(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Result:
+    if pos:
+        raise UsageError(f'unknown command "{pos[0]}" for "talosctl upgrade"')
+    image = flags["image"]
+    if flags["reboot-mode"] not in ("default", "powercycle"):
+        raise UsageError(f'invalid reboot mode "{flags["reboot-mode"]}": must be one of default, powercycle')
+    world = inv.world
+
+    def prepare(n: Node) -> tuple[str | None, bool] | str:
+        img = image or f"ghcr.io/siderolabs/installer:{CLIENT_VERSION}"
+        if not flags["force"]:
+            refusal = etcd_upgrade_check(world, n)
+            if refusal:
+                return refusal
+        return img, False
+
+    if flags["stage"]:
+        errors = []
+        for ip in inv.nodes:
+            n, err = _reach(inv, ip)
+            if n is None:
+                errors.append((ip, err or ""))
+                continue
+            refusal = None if flags["force"] else etcd_upgrade_check(world, n)
+            if refusal:
+                errors.append((ip, refusal))
+                continue
+            world.update(n, staged_image=image or f"ghcr.io/siderolabs/installer:{CLIENT_VERSION}")
+            inv.out.append(table([["NODE", "ACK", "STARTED"],
+                                  [ip, "Upgrade request received", datetime.now(UTC).isoformat()]]))
+        if errors:
+            inv.err.append(multierror("performing upgrade", errors))
+            return _done(inv, 1)
+        return _done(inv)
+    return _tracked_reboot(inv, flags, "upgrade", prepare)
+
+
+def cmd_rollback(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Result:
+    def prepare(n: Node) -> tuple[str | None, bool] | str:
+        if not n.previous_version:
+            return "rpc error: code = Unknown desc = cannot rollback: no previous installation found"
+        return None, True
+    flags = dict(flags, wait=False)
+    return _tracked_reboot(inv, flags, "rollback", prepare)
+
+
+def cmd_reboot(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Result:
+    if flags["mode"] not in ("default", "powercycle"):
+        raise UsageError(f'invalid reboot mode "{flags["mode"]}": must be one of default, powercycle')
+
+    def prepare(n: Node) -> tuple[str | None, bool] | str:
+        return (n.staged_image, False) if n.staged_image else (None, False)
+    return _tracked_reboot(inv, flags, "reboot", prepare)
+
+
+# --- upgrade-k8s -----------------------------------------------------------------------------
+
+
+def _kv(text: str) -> tuple[int, int, int]:
+    m = re.fullmatch(r"v?(\d+)\.(\d+)\.(\d+)", text.strip())
+    if not m:
+        raise UsageError(f'invalid version "{text}": expected a version like 1.33.0')
+    return int(m.group(1)), int(m.group(2)), int(m.group(3))
+
+
+def cmd_upgrade_k8s(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Result:
+    world = inv.world
+    n, err = _reach(inv, inv.nodes[0])
+    if n is None:
+        inv.err.append(f"error upgrading Kubernetes: {err}\n")
+        return _done(inv, 1)
+    cluster = world.clusters[n.cluster]
+    with world.lock:
+        nodes = [x for x in cluster.nodes.values() if x.installed]
+        lowest = min((_kv(x.kubelet_version) for x in nodes), default=_kv(cluster.kubernetes_version))
+    frm = _kv(flags["from"]) if flags["from"] else lowest
+    to = _kv(flags["to"] or "1.34.1")
+    fs, ts = ".".join(map(str, frm)), ".".join(map(str, to))
+    if not flags["from"]:
+        inv.out.append(f"automatically detected the lowest Kubernetes version {fs}\n")
+    if to < frm or to[1] - frm[1] > 1 or to[0] != frm[0]:
+        inv.err.append(f'error: unsupported upgrade path "{frm[0]}.{frm[1]}"->"{to[0]}.{to[1]}" (from "{fs}" to "{ts}")\n')
+        return _done(inv, 1)
+    cps = [x for x in nodes if x.role == "controlplane"]
+    workers = [x for x in nodes if x.role == "worker"]
+    down = [x.hostname for x in nodes if not x.talos_up]
+    inv.out.append(f"discovered controlplane nodes {_goq([x.ip for x in cps])}\n")
+    inv.out.append(f"discovered worker nodes {_goq([x.ip for x in workers])}\n")
+    if down:
+        inv.err.append(f"error: failed to upgrade Kubernetes: nodes {', '.join(down)} are not reachable\n")
+        return _done(inv, 1)
+    inv.out.append("checking for removed Kubernetes component flags\nchecking for removed Kubernetes API resource versions\n")
+    step = world.knobs.reboot_seconds / 20
+    for comp in ("kube-apiserver", "kube-controller-manager", "kube-scheduler"):
+        inv.out.append(f'updating "{comp}" to version "{ts}"\n')
+        for x in cps:
+            inv.out.append(f' > "{x.ip}": starting update\n > update {comp}: v{fs} -> {ts}\n')
+            if flags["dry-run"]:
+                inv.out.append(" > skipped in dry-run\n")
+                continue
+            inv.out.append(f' > "{x.ip}": machine configuration patched\n > "{x.ip}": waiting for {comp} pod update\n')
+            if not world.sleep(step):
+                return _done(inv, 1)
+            inv.out.append(f' < "{x.ip}": successfully updated\n')
+    if flags["upgrade-kubelet"]:
+        inv.out.append(f'updating kubelet to version "{ts}"\n')
+        for x in cps + workers:
+            inv.out.append(f' > "{x.ip}": starting update\n > update kubelet: {x.kubelet_version.lstrip("v")} -> {ts}\n')
+            if flags["dry-run"]:
+                inv.out.append(" > skipped in dry-run\n")
+                continue
+            inv.out.append(f' > "{x.ip}": machine configuration patched\n > "{x.ip}": waiting for kubelet restart\n')
+            if not world.sleep(step):
+                return _done(inv, 1)
+            world.update(x, kubelet_version=f"v{ts}")
+            inv.out.append(f' > "{x.ip}": waiting for node update\n < "{x.ip}": successfully updated\n')
+    if not flags["dry-run"]:
+        with world.lock:
+            cluster.kubernetes_version = f"v{ts}"
+            world.changed()
+    inv.out.append("updating manifests\n > apply manifest Secret bootstrap-token-wx9fz1\n"
+                   " > apply skipped in dry run\n" if flags["dry-run"] else "updating manifests\n")
+    return _done(inv)
+
+
+# --- etcd ------------------------------------------------------------------------------------
+
+
+def _member_row(m: Node) -> list[str]:
+    return [m.etcd_member_id, m.hostname, f"https://{m.ip}:2380", f"https://{m.ip}:2379", "false"]
+
+
+def cmd_etcd(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Result:
+    if not pos:
+        raise UsageError("etcd requires a subcommand: members, status, snapshot, alarm, leave, forfeit-leadership, remove-member")
+    sub = pos[0]
+    world = inv.world
+    if sub == "members":
+        rows = [(["NODE"] if inv.node_column else []) + ["ID", "HOSTNAME", "PEER URLS", "CLIENT URLS", "LEARNER"]]
+        errors = []
+        for ip in inv.nodes:
+            n, err = _reach(inv, ip)
+            if n is None or not n.etcd_running:
+                errors.append((ip, err or "rpc error: code = Unknown desc = etcd is not running on this node"))
+                continue
+            with world.lock:
+                members = world.clusters[n.cluster].etcd_members()
+                for m in members:
+                    rows.append(([ip] if inv.node_column else []) + _member_row(m))
+        if len(rows) > 1:
+            inv.out.append(table(rows))
+        if errors:
+            inv.err.append(multierror("getting members", errors))
+            return _done(inv, 1)
+        return _done(inv)
+    if sub == "status":
+        rows = [(["NODE"] if inv.node_column else []) +
+                ["MEMBER", "DB SIZE", "IN USE", "LEADER", "RAFT INDEX", "RAFT TERM", "RAFT APPLIED INDEX",
+                 "LEARNER", "PROTOCOL", "STORAGE", "ERRORS"]]
+        errors = []
+        for ip in inv.nodes:
+            n, err = _reach(inv, ip)
+            if n is None or not n.etcd_running:
+                errors.append((ip, err or "rpc error: code = Unknown desc = etcd is not running on this node"))
+                continue
+            with world.lock:
+                members = world.clusters[n.cluster].etcd_members()
+                leader = next((m for m in members if m.etcd_running), n)
+                down = [m for m in members if not m.etcd_running]
+            db = 3_600_000 + int(n.etcd_member_id[:4], 16) * 10
+            in_use = int(db * 0.6159)
+            errs = ""
+            if world.faults.has("etcd-unhealthy", n.hostname):
+                errs = "etcdserver: mvcc: database space exceeded"
+            elif down:
+                errs = ", ".join(f"failed to reach the peer {m.etcd_member_id} (context deadline exceeded)" for m in down)
+            rows.append(([ip] if inv.node_column else []) +
+                        [n.etcd_member_id, humanize_bytes(db), f"{humanize_bytes(in_use)} ({100 * in_use / db:.2f}%)",
+                         leader.etcd_member_id, "4703", "2", "4703", "false", "3.6.4", "3.6.0", errs])
+        if len(rows) > 1:
+            inv.out.append(table(rows))
+        if errors:
+            inv.err.append(multierror("getting status", errors))
+            return _done(inv, 1)
+        return _done(inv)
+    if sub == "snapshot":
+        if len(pos) != 2:
+            raise UsageError(f"accepts 1 arg(s), received {len(pos) - 1}")
+        ip = inv.nodes[0]
+        n, err = _reach(inv, ip)
+        if n is None or not n.etcd_running:
+            inv.err.append(f"error reading file: {err or 'rpc error: code = Unknown desc = etcd is not running'}\n")
+            return _done(inv, 1)
+        dest = inv.path(pos[1])
+        payload = json.dumps({"cluster": n.cluster, "member": n.etcd_member_id, "taken": time.time(),
+                              "members": [m.hostname for m in world.clusters[n.cluster].etcd_members()]}).encode()
+        data = b"etcd-snapshot-v3\n" + payload + b"\0" * (4096 - len(payload) % 4096)
+        tmp = dest.with_name(dest.name + ".part")
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+        inv.out.append(f'etcd snapshot saved to "{pos[1]}" ({len(data)} bytes)\n')
+        inv.out.append(f"snapshot info: hash {int(hashlib.sha1(data).hexdigest()[:8], 16):08x}, revision 4703, "
+                       f"total keys 1234, total size {len(data)}\n")
+        return _done(inv)
+    raise UsageError(f'unknown command "{sub}" for "talosctl etcd"')
+
+
+# --- health ----------------------------------------------------------------------------------
+
+
+def health_checks(world: World, cluster: ClusterState) -> list[tuple[str, Callable[[], str | None]]]:
+    """(description, check) pairs of `talosctl health`; a check returns None when OK, else why not."""
+    def nodes() -> list[Node]:
+        return [n for n in cluster.nodes.values() if n.installed]
+
+    def etcd_healthy() -> str | None:
+        bad = [m.hostname for m in cluster.etcd_members()
+               if not m.etcd_running or world.faults.has("etcd-unhealthy", m.hostname)]
+        if not cluster.etcd_members():
+            return "etcd is not bootstrapped"
+        return f"etcd members not healthy: {bad}".replace("'", '"') if bad else None
+
+    def apid() -> str | None:
+        bad = [n.ip for n in nodes() if not n.talos_up]
+        return f"some nodes are not reachable: {bad}".replace("'", '"') if bad else None
+
+    def k8s_report() -> str | None:
+        return None if cluster.bootstrapped else "no nodes registered in Kubernetes"
+
+    def k8s_ready() -> str | None:
+        bad = [n.hostname for n in nodes() if not (n.talos_up and n.ready)]
+        return f"some nodes are not ready: [{' '.join(bad)}]" if bad else None
+
+    def schedulable() -> str | None:
+        bad = [n.hostname for n in nodes() if n.unschedulable]
+        return f"some nodes are not schedulable: [{' '.join(bad)}]" if bad else None
+
+    return [
+        ("etcd to be healthy", etcd_healthy),
+        ("etcd members to be consistent across nodes", etcd_healthy),
+        ("etcd members to be control plane nodes", lambda: None),
+        ("apid to be ready", apid),
+        ("all nodes memory sizes", lambda: None),
+        ("all nodes disk sizes", lambda: None),
+        ("no diagnostics", lambda: None),
+        ("kubelet to be healthy", apid),
+        ("all nodes to finish boot sequence", apid),
+        ("all k8s nodes to report", k8s_report),
+        ("all control plane static pods to be running", k8s_report),
+        ("all control plane components to be ready", k8s_report),
+        ("all k8s nodes to report ready", k8s_ready),
+        ("all k8s nodes to report schedulable", schedulable),
+        ("kube-proxy to report ready", lambda: None),
+        ("coredns to report ready", k8s_report),
+    ]
+
+
+def cmd_health(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Result:
+    world = inv.world
+    n, err = _reach(inv, inv.nodes[0])
+    if n is None:
+        inv.err.append(f"healthcheck error: {err}\n")
+        return _done(inv, 1)
+    cluster = world.clusters[n.cluster]
+    with world.lock:
+        ips = [x.ip for x in cluster.nodes.values() if x.installed]
+    inv.err.append(f"discovered nodes: {_goq(ips)}\n")
+    deadline = time.monotonic() + flags["wait-timeout"]
+    for desc, check in health_checks(world, cluster):
+        inv.err.append(f"waiting for {desc}: ...\n")
+        last: list[str | None] = [None]
+
+        def ok(check: Callable[[], str | None] = check, last: list[str | None] = last, desc: str = desc) -> bool:
+            why = check()
+            if why and why != last[0]:
+                inv.err.append(f"waiting for {desc}: {why}\n")
+            last[0] = why
+            return why is None
+
+        if not world.wait_for(ok, max(0.0, deadline - time.monotonic())):
+            inv.err.append("healthcheck error: rpc error: code = DeadlineExceeded desc = context deadline exceeded\n")
+            return _done(inv, 1)
+        inv.err.append(f"waiting for {desc}: {'SKIP' if desc.startswith('kube-proxy') else 'OK'}\n")
+    return _done(inv)
+
+
+# --- get -------------------------------------------------------------------------------------
+
+
+def cmd_get(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Result:
+    if not pos:
+        raise UsageError("requires at least 1 arg(s), only received 0")
+    resource = pos[0].lower()
+    if resource not in ("machinestatus", "machinestatuses", "machinestatuses.runtime.talos.dev"):
+        inv.err.append(f'error getting resources: 1 error occurred:\n\t* {inv.nodes[0]}: rpc error: code = NotFound '
+                       f'desc = resource "{pos[0]}" is not registered\n\n')
+        return _done(inv, 1)
+    errors = []
+    objs = []
+    for ip in inv.nodes:
+        n, err = _reach(inv, ip, flags["insecure"])
+        if n is None:
+            errors.append((ip, err or ""))
+            continue
+        stage = {"running": "running", "maintenance": "maintenance"}.get(n.phase, "booting")
+        objs.append({
+            "node": ip if inv.node_column else "",
+            "metadata": {"namespace": "runtime", "type": "MachineStatuses.runtime.talos.dev", "id": "machine",
+                         "version": 3, "owner": "runtime.MachineStatusController", "phase": "running",
+                         "created": BUILT, "updated": BUILT},
+            "spec": {"stage": stage, "status": {"ready": stage == "running", "unmetConditions": []}},
+        })
+    out = flags["output"]
+    if out == "json":
+        inv.out.extend(json.dumps(o, indent=4) + "\n" for o in objs)
+    elif out == "yaml":
+        inv.out.extend(yaml.safe_dump(o, sort_keys=False) + "---\n" for o in objs)
+    else:
+        rows = [["NODE", "NAMESPACE", "TYPE", "ID", "VERSION", "STAGE", "READY"]]
+        rows += [[o["node"], "runtime", "MachineStatus", "machine", "3", o["spec"]["stage"],
+                  str(o["spec"]["status"]["ready"]).lower()] for o in objs]
+        inv.out.append(table(rows))
+    if errors:
+        inv.err.append(multierror("getting resources", errors))
+        return _done(inv, 1)
+    return _done(inv)
+
+
+# --- apply-config, bootstrap, kubeconfig -----------------------------------------------------
+
+
+def _machine_facts(text: str) -> dict[str, str]:
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if isinstance(d, dict)]
+    except yaml.YAMLError as e:
+        raise UsageError(f"failed to parse config: {e}") from None
+    doc = next((d for d in docs if "machine" in d), None)
+    if doc is None:
+        raise UsageError("failed to parse config: the file has no machine section (not a Talos machine config)")
+    machine = doc.get("machine") or {}
+    facts = {"type": str(machine.get("type", "")),
+             "image": str((machine.get("install") or {}).get("image", "")),
+             "kubelet": str((machine.get("kubelet") or {}).get("image", ""))}
+    return facts
+
+
+def cmd_apply_config(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Result:
+    if not flags["file"]:
+        raise UsageError("no filename supplied for configuration")
+    try:
+        text = inv.path(flags["file"]).read_text()
+    except OSError as e:
+        inv.err.append(f"error: failed to read configuration from {flags['file']!r}: {e.strerror or e}\n")
+        return _done(inv, 1)
+    facts = _machine_facts(text)
+    world = inv.world
+    errors = []
+    for ip in inv.nodes:
+        n, err = _reach(inv, ip, flags["insecure"])
+        if n is None:
+            errors.append((ip, err or ""))
+            continue
+        mode = flags["mode"]
+        details = {"auto": "Applied configuration without a reboot", "no-reboot": "Applied configuration without a reboot",
+                   "reboot": "Applied configuration with a reboot", "staged": "Staged configuration to be applied after a reboot",
+                   "try": "Applied configuration without a reboot"}.get(mode)
+        if details is None:
+            raise UsageError(f'invalid mode "{mode}": must be one of auto, no-reboot, reboot, staged, try')
+        if n.phase == "maintenance":
+            details = "Applied configuration with a reboot"
+        if flags["dry-run"]:
+            diff = "".join(difflib.unified_diff(n.machine_config.splitlines(True), text.splitlines(True),
+                                                "live", "new"))
+            inv.out.append(f"Dry run summary:\n{details} (skipped in dry-run).\n\nConfig diff:\n\n"
+                           f"{diff if diff else 'No changes.'}\n")
+            continue
+        if n.phase == "maintenance":
+            world.update(n, machine_config=text, phase="installing")
+            image = facts["image"] or n.installer_image
+            kubelet = tag_of(facts["kubelet"]) if facts["kubelet"] else n.kubelet_version
+            world.spawn(lambda n=n, image=image, kubelet=kubelet: _install(world, n, image, kubelet),
+                        f"install-{n.hostname}")
+            continue
+        world.update(n, machine_config=text)
+        inv.out.append(details + "\n")
+        if mode == "reboot":
+            world.spawn(lambda n=n: reboot_node(world, n, None, Outcome()), f"reboot-{n.hostname}")
+    if errors:
+        inv.err.append(multierror("applying new configuration", errors))
+        return _done(inv, 1)
+    return _done(inv)
+
+
+def _install(world: World, n: Node, image: str, kubelet: str) -> None:
+    """Maintenance mode -> install to disk -> boot the installed Talos (joins if the cluster is up)."""
+    if not world.sleep(world.knobs.reboot_seconds):
+        return
+    with world.lock:
+        cluster = world.clusters[n.cluster]
+        joined = cluster.bootstrapped
+        member = new_member_id() if joined and n.role == "controlplane" else n.etcd_member_id
+        world.update(n, phase="running", installed=True, talos_version=tag_of(image), installer_image=image,
+                     kubelet_version=kubelet if kubelet.startswith("v") else f"v{kubelet}",
+                     boot_id=str(uuid.uuid4()), etcd_member_id=member, etcd_running=bool(member),
+                     ready=joined and not world.faults.has("node-never-ready", n.hostname))
+    world.power(n, down=False)
+
+
+def cmd_bootstrap(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Result:
+    world = inv.world
+    ip = inv.nodes[0]
+    n, err = _reach(inv, ip)
+    if n is None:
+        inv.err.append(f"error executing bootstrap: {err}\n")
+        return _done(inv, 1)
+    with world.lock:
+        cluster = world.clusters[n.cluster]
+        if n.role != "controlplane":
+            inv.err.append("error executing bootstrap: rpc error: code = FailedPrecondition desc = bootstrap is not "
+                           "available on worker nodes\n")
+            return _done(inv, 1)
+        if cluster.bootstrapped or n.etcd_member_id:
+            inv.err.append("error executing bootstrap: rpc error: code = AlreadyExists desc = etcd data directory "
+                           "is not empty\n")
+            return _done(inv, 1)
+        cluster.bootstrapped = True
+        n.etcd_member_id = new_member_id()
+        n.etcd_running = True
+        for x in cluster.nodes.values():
+            if x.talos_up:
+                x.ready = not world.faults.has("node-never-ready", x.hostname)
+        world.changed()
+    return _done(inv)
+
+
+def cmd_kubeconfig(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Result:
+    world = inv.world
+    n, err = _reach(inv, inv.nodes[0])
+    if n is None:
+        inv.err.append(f"error copying: {err}\n")
+        return _done(inv, 1)
+    text = inv.kubeconfig_for(n.cluster) if inv.kubeconfig_for else None
+    if text is None or not world.clusters[n.cluster].bootstrapped:
+        inv.err.append("error copying: rpc error: code = NotFound desc = kubeconfig is not available: the cluster "
+                       "is not bootstrapped (run talosctl bootstrap)\n")
+        return _done(inv, 1)
+    if pos:
+        dest = inv.path(pos[0])
+        if pos[0] in (".", "") or dest.is_dir():
+            dest = dest / "kubeconfig"
+    else:
+        kc = inv.env.get("KUBECONFIG", "").split(os.pathsep)[0]
+        dest = inv.path(kc) if kc else Path(os.path.expanduser("~/.kube/config"))
+    if pos and pos[0] == "-":
+        inv.out.append(text)
+        return _done(inv)
+    new = yaml.safe_load(text)
+    if flags["merge"] and dest.exists():
+        try:
+            cur = yaml.safe_load(dest.read_text()) or {}
+        except yaml.YAMLError as e:
+            inv.err.append(f"error merging kubeconfig: {dest}: {e}\n")
+            return _done(inv, 1)
+        for section in ("clusters", "contexts", "users"):
+            names = {x["name"] for x in new.get(section) or []}
+            cur[section] = [x for x in cur.get(section) or [] if x.get("name") not in names] + list(new.get(section) or [])
+        cur["current-context"] = new["current-context"]
+        cur.setdefault("apiVersion", "v1")
+        cur.setdefault("kind", "Config")
+        out = yaml.safe_dump(cur, sort_keys=False)
+    else:
+        if dest.exists() and not flags["merge"] and not flags["force"]:
+            inv.err.append(f"error copying: kubeconfig file already exists, use --force to overwrite: {dest}\n")
+            return _done(inv, 1)
+        out = text
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.write_text(out)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, dest)
+    return _done(inv)
+
+
+HANDLERS: dict[str, Callable[[Invocation, dict[str, Any], list[str]], Result]] = {
+    "version": cmd_version,
+    "upgrade": cmd_upgrade,
+    "upgrade-k8s": cmd_upgrade_k8s,
+    "etcd": cmd_etcd,
+    "health": cmd_health,
+    "get": cmd_get,
+    "apply-config": cmd_apply_config,
+    "bootstrap": cmd_bootstrap,
+    "kubeconfig": cmd_kubeconfig,
+    "rollback": cmd_rollback,
+    "reboot": cmd_reboot,
+}
+
+
+def _goq(items: list[str]) -> str:
+    """Go's %q of a []string: ["a" "b"]."""
+    return "[" + " ".join(json.dumps(i) for i in items) + "]"
