@@ -47,9 +47,8 @@ def target(homelab: str, twin: bool, twin_state: str = "pre-upgrade", faults: li
     if not twin:
         yield homelab
         return
-    from twin.register import homelab_block
-
     from twin import Twin
+    from twin.register import homelab_block
     from twin.state import Knobs
 
     knobs = Knobs() if reboot_seconds is None else Knobs(reboot_seconds=reboot_seconds)
