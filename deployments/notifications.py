@@ -1,0 +1,178 @@
+"""Automations that tell the operator, through a Prefect notification block they name, what needs them.
+
+Three automations, one per thing an operator must react to:
+- a disruptive run waits for approval (`prefect.flow-run.Paused`): the link to the run and the
+  `homelab approve <id>` command;
+- a disruptive run failed (`prefect.flow-run.Failed`): the run's state message, i.e. its error line;
+- the nightly check found drift (`homelab.drift.detected`): the counts from the event's payload.
+
+The Prefect server renders the messages (Jinja, with `flow_run`, `flow` and `event` in scope) and sends
+them through the block, so the block can be any of Prefect's own: Slack, Discord, Microsoft Teams,
+Apprise URLs such as ntfy, email, or a custom webhook. Applying them is idempotent by name: an
+automation of the same name is updated to the declared form, duplicates are removed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from prefect.client.orchestration import PrefectClient
+from prefect.events.actions import SendNotification
+from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+from prefect.exceptions import ObjectNotFound
+
+# The flows that change a cluster; their pauses are approvals and their failures need a human.
+DISRUPTIVE_FLOWS = ("talos-upgrade", "kubernetes-upgrade", "provision")
+DRIFT_EVENT = "homelab.drift.detected"
+
+APPROVAL = "homelab: run waits for approval"
+FAILURE = "homelab: disruptive run failed"
+DRIFT = "homelab: drift detected"
+NAMES = (APPROVAL, FAILURE, DRIFT)
+
+# ui_url needs PREFECT_UI_URL (or PREFECT_API_URL) in the Prefect server's own settings.
+_LINK = "{{ flow_run|ui_url or '(no link: set PREFECT_UI_URL on the Prefect server)' }}"
+_APPROVAL_BODY = (
+    "Flow run {{ flow_run.name }} of {{ flow.name }} waits for approval of its plan.\n"
+    f"Review the plan: {_LINK}\n"
+    "Approve: homelab approve {{ flow_run.id }}\n"
+    "Reject:  homelab approve {{ flow_run.id }} --reject --comment \"why\""
+)
+_FAILURE_BODY = (
+    "Flow run {{ flow_run.name }} of {{ flow.name }} failed.\n"
+    "Error: {{ flow_run.state.message }}\n"
+    f"Run {{{{ flow_run.id }}}}: {_LINK}\n"
+    "Shared state (noout, cordon) may have been left in place on purpose: read the run's report before rerunning."
+)
+# The payload's counts are a mapping severity → number; render whatever severities the flow sends.
+_DRIFT_BODY = (
+    "Drift between git and the live homelab"
+    "{% if event.resource.name %} ({{ event.resource.name }}){% endif %}: "
+    "{% for severity, count in (event.payload.counts or {}).items() %}"
+    "{{ severity }}={{ count }}{% if not loop.last %}, {% endif %}{% endfor %}.\n"
+    "{% if flow_run %}Report: " + _LINK + "\n{% endif %}"
+    "{% if event.payload.revision %}Git revision: {{ event.payload.revision }}\n{% endif %}"
+    "Details: the drift-check run's markdown artifact, or `homelab drift`."
+)
+
+
+class NotificationSetupError(Exception):
+    """The notification block cannot be used; the message says which and what to do."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """What set-up did to one object: created, updated, removed or unchanged."""
+
+    kind: str
+    name: str
+    action: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name}: {self.action}{f' ({self.detail})' if self.detail else ''}"
+
+
+def declared_automations(block_document_id: UUID) -> list[AutomationCore]:
+    """The three automations, all sending through the notification block with that id."""
+    disruptive_flow = {"prefect.resource.role": "flow", "prefect.resource.name": list(DISRUPTIVE_FLOWS)}
+    return [
+        AutomationCore(
+            name=APPROVAL,
+            description="Tells the operator that a disruptive run waits for approval, with the link and the command.",
+            trigger=EventTrigger(
+                expect={"prefect.flow-run.Paused"},
+                match={"prefect.resource.id": "prefect.flow-run.*"},
+                match_related=disruptive_flow,  # type: ignore[arg-type]
+                posture=Posture.Reactive,
+                threshold=1,
+            ),
+            actions=[SendNotification(block_document_id=block_document_id,
+                                      subject="homelab: {{ flow.name }} waits for approval", body=_APPROVAL_BODY)],
+        ),
+        AutomationCore(
+            name=FAILURE,
+            description="Tells the operator that a disruptive run failed, with its error line.",
+            trigger=EventTrigger(
+                expect={"prefect.flow-run.Failed"},
+                match={"prefect.resource.id": "prefect.flow-run.*"},
+                match_related=disruptive_flow,  # type: ignore[arg-type]
+                posture=Posture.Reactive,
+                threshold=1,
+            ),
+            actions=[SendNotification(block_document_id=block_document_id,
+                                      subject="homelab: {{ flow.name }} failed", body=_FAILURE_BODY)],
+        ),
+        AutomationCore(
+            name=DRIFT,
+            description="Tells the operator that the drift check found differences, with the counts.",
+            trigger=EventTrigger(expect={DRIFT_EVENT}, posture=Posture.Reactive, threshold=1),
+            actions=[SendNotification(block_document_id=block_document_id,
+                                      subject="homelab: drift detected", body=_DRIFT_BODY)],
+        ),
+    ]
+
+
+def _comparable(a: AutomationCore) -> dict[str, Any]:
+    """The fields that define an automation, without server-assigned ids."""
+    def strip(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: strip(x) for k, x in v.items() if k != "id"}
+        if isinstance(v, list):
+            return [strip(x) for x in v]
+        return v
+    dumped = a.model_dump(mode="json", include={"name", "description", "enabled", "trigger", "actions"})
+    return dict(strip(dumped))
+
+
+async def resolve_notification_block(client: PrefectClient, ref: str) -> UUID:
+    """The id of the notification block named `ref`: `<block-type-slug>/<name>`, or a bare name when only one
+    notification block has it."""
+    if "/" in ref:
+        slug, _, name = ref.partition("/")
+        try:
+            doc = await client.read_block_document_by_name(name=name, block_type_slug=slug, include_secrets=False)
+        except ObjectNotFound:
+            raise NotificationSetupError(
+                f"notification block {ref!r}: expected a block of type {slug!r} named {name!r}, found none; "
+                f"create it in the Prefect UI (Blocks) or with `prefect block create {slug}`") from None
+        candidates = [doc]
+    else:
+        docs = await client.read_block_documents(include_secrets=False)
+        candidates = [d for d in docs if d.name == ref]
+    notifying = [d for d in candidates
+                 if d.block_schema is not None and "notify" in (d.block_schema.capabilities or [])]
+    if not notifying:
+        seen = ", ".join(f"{d.block_type.slug if d.block_type else '?'}/{d.name}" for d in candidates) or "none"
+        raise NotificationSetupError(
+            f"notification block {ref!r}: expected a block that can notify (Slack, Discord, Apprise/ntfy, email, "
+            f"custom webhook), found {seen}; create one, then run `homelab setup --notify <type-slug>/<name>`")
+    if len(notifying) > 1:
+        names = ", ".join(f"{d.block_type.slug if d.block_type else '?'}/{d.name}" for d in notifying)
+        raise NotificationSetupError(
+            f"notification block {ref!r}: several notification blocks have that name ({names}); "
+            f"name one as <type-slug>/<name>")
+    return notifying[0].id
+
+
+async def apply_automations(client: PrefectClient, block_document_id: UUID) -> list[Change]:
+    """Create or update the declared automations by name; remove extra automations of the same name."""
+    changes = []
+    for desired in declared_automations(block_document_id):
+        existing = await client.read_automations_by_name(desired.name)
+        if not existing:
+            await client.create_automation(desired)
+            changes.append(Change("automation", desired.name, "created"))
+            continue
+        keep, *extra = existing
+        for dup in extra:
+            await client.delete_automation(dup.id)
+            changes.append(Change("automation", desired.name, "removed", f"duplicate {dup.id}"))
+        if _comparable(keep) != _comparable(desired):
+            await client.update_automation(keep.id, desired)
+            changes.append(Change("automation", desired.name, "updated"))
+        else:
+            changes.append(Change("automation", desired.name, "unchanged"))
+    return changes
