@@ -185,7 +185,10 @@ class FakeProxmox:
 
     def fail_tasks(self, on: bool) -> None:
         """proxmox-task-fails: clone, config, resize and start tasks end `stopped` with an error exit
-        status and a task log line saying why, as Proxmox's do."""
+        status and a task log line saying why, as Proxmox's do. Called before the server listens (a fault
+        given at start), it waits for the server first."""
+        if self._proc is not None and not self._ready.is_set():
+            self.wait_ready()
         self._command({"op": "fail_tasks", "on": bool(on)})
         self.failing = bool(on)
 

@@ -1,0 +1,380 @@
+"""The provision flow on the simulated homelab (fakepve + the twin's talosctl) against a real Prefect server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+import yaml
+from pydantic import SecretStr
+from typer.testing import CliRunner
+
+from blocks import GitSource, Homelab, Kubernetes, Proxmox, Talos
+from flows.provision import Deadlines, ProvisionFailed, cli, provision
+from homelab.provision import merge_kubeconfig, merge_talosconfig
+from tasks.proxmox import ProxmoxApi
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")]
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = Deadlines(proxmox_task_seconds=30, talos_api_seconds=30, health_seconds=30, approval_seconds=30)
+
+# Stands in for `talosctl gen secrets` / `gen config` while the twin's talosctl lacks them; every other
+# command goes to the twin's own talosctl. Output shaped as talosctl v1.11 writes it.
+GEN_WRAPPER = '''\
+import os, sys, yaml
+REAL = {real!r}
+args = sys.argv[1:]
+rest, i = [], 0
+while i < len(args):
+    if args[i] in ("--talosconfig", "--context"):
+        i += 2
+        continue
+    rest.append(args[i]); i += 1
+if rest[:1] != ["gen"]:
+    os.execv(REAL, [REAL] + args)
+def opt(name, default=None):
+    return rest[rest.index(name) + 1] if name in rest else default
+if rest[1] == "secrets":
+    open(opt("--output-file", "secrets.yaml"), "w").write(yaml.safe_dump({{"cluster": {{"id": "x", "secret": "y"}}}}))
+    sys.exit(0)
+name, endpoint = rest[2], rest[3]
+out = opt("--output", ".")
+k8s = opt("--kubernetes-version")
+for role in ("controlplane", "worker"):
+    doc = {{"version": "v1alpha1", "machine": {{"type": role, "install": {{"disk": "/dev/sda", "image": opt("--install-image")}},
+           "kubelet": {{"image": "ghcr.io/siderolabs/kubelet:v" + k8s}}}},
+           "cluster": {{"clusterName": name, "controlPlane": {{"endpoint": endpoint}}}}}}
+    open(os.path.join(out, role + ".yaml"), "w").write(yaml.safe_dump(doc))
+open(os.path.join(out, "talosconfig"), "w").write(yaml.safe_dump(
+    {{"context": name, "contexts": {{name: {{"endpoints": ["127.0.0.1"], "ca": "Y2E=", "crt": "Y3J0", "key": "a2V5"}}}}}}))
+'''
+
+
+@dataclass
+class Lab:
+    sim: Any
+    block: str
+    tree: Path
+
+    def homelab(self) -> Homelab:
+        return Homelab.load(self.block)
+
+    def api(self) -> ProxmoxApi:
+        h = self.homelab()
+        assert h.proxmox is not None
+        return ProxmoxApi.from_block(h.proxmox)
+
+    def tasks(self) -> list[dict[str, Any]]:
+        return list(self.api()._api.nodes("pve").tasks.get(limit=1000))
+
+    def vms(self) -> dict[int, Any]:
+        return {v.vmid: v for v in self.api().list_vms("pve")}
+
+    def run(self, **kw: Any) -> dict[str, Any]:
+        kw.setdefault("require_approval", False)
+        kw.setdefault("deadlines", FAST)
+        try:
+            return dict(provision(homelab=self.block, cluster="homelab", **kw))
+        except ProvisionFailed as e:
+            return e.result
+
+
+def talosctl_for(sim: Any, tmp: Path) -> str:
+    real = str(sim.bin_dir / "talosctl")
+    probe = subprocess.run([real, "gen", "config", "--help"], capture_output=True, text=True, timeout=30, check=False)
+    if probe.returncode == 0:
+        return real
+    wrapper = tmp / "talosctl-gen"
+    wrapper.write_text(f"#!{sys.executable}\n" + GEN_WRAPPER.format(real=real))
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
+def homelab_block_of(sim: Any, tree: Path, talosctl: str) -> Homelab:
+    try:
+        from twin.register import homelab_block
+        block: Homelab = homelab_block(sim)
+    except ImportError:
+        px = sim.proxmox
+        block = Homelab(
+            kubernetes=Kubernetes(kubeconfig=SecretStr(sim.kubeconfig.read_text())),
+            talos=Talos(talosctl_path=talosctl, talosconfig=SecretStr(sim.talosconfig.read_text())),
+            proxmox=Proxmox(host=px.host, port=px.port, user=px.user, token_name=px.token_name,
+                            token_value=SecretStr(px.token_value), verify_ssl=False),
+            git=GitSource(url=str(sim.git_dir)), cluster="homelab")
+    block.talos.talosctl_path = talosctl
+    block.tree_path = str(tree)
+    return block
+
+
+@pytest.fixture
+def make_lab(prefect_api_url: str, tmp_path: Path) -> Iterator[Any]:
+    from twin import Twin
+    from twin.state import Knobs
+
+    sims: list[Any] = []
+
+    def make(state: str = "pre-upgrade", faults: tuple[str, ...] = ()) -> Lab:
+        tree = tmp_path / f"k8s-{len(sims)}"
+        shutil.copytree(ROOT / "k8s", tree)
+        sim = Twin(tree, tmp_path / f"twin-{len(sims)}", state=state, faults=list(faults),
+                   knobs=Knobs(reboot_seconds=0.3, recovery_seconds=0.1, flux_delay_seconds=0.1))
+        sim.start()
+        sims.append(sim)
+        name = f"provision-test-{uuid.uuid4().hex[:8]}"
+        homelab_block_of(sim, tree, talosctl_for(sim, tmp_path)).save(name, overwrite=True)
+        return Lab(sim, name, tree)
+
+    yield make
+    for sim in sims:
+        sim.stop()
+
+
+def set_memory(tree: Path, vm_name: str, mib: int) -> None:
+    path = tree / "clusters/homelab/cluster.yaml"
+    doc = yaml.safe_load(path.read_text())
+    next(v for v in doc["vms"] if v["name"] == vm_name)["memory"] = mib
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+# --- the flow on the twin -----------------------------------------------------------------------
+
+
+def test_fresh_provision_creates_vms_bootstraps_once_and_nodes_get_ready(make_lab: Any) -> None:
+    lab = make_lab()
+    result = lab.run()
+    assert result["status"] == "completed", result["error"]
+    assert result["bootstrapped"] is True
+    assert [(v["name"], v["action"]) for v in result["vms"]] == [("homelab-cp-1", "create"),
+                                                                  ("homelab-worker-1", "create")]
+    vms = lab.vms()
+    cp, worker = vms[201], vms[211]
+    assert (cp.name, cp.running, cp.cores, cp.memory_mib, cp.disk_gib, cp.mac) == \
+        ("homelab-cp-1", True, 4, 8192, 64, "BC:24:11:00:01:61")
+    assert (worker.memory_mib, worker.disk_gib, worker.bridge) == (16384, 128, "vmbr0")
+    world = lab.sim.world.clusters["homelab"]
+    assert world.bootstrapped and [n.hostname for n in world.etcd_members()] == ["homelab-cp-1"]
+    assert all(n.ready and n.phase == "running" for n in world.nodes.values())
+    kubeconfig = yaml.safe_load(lab.homelab().kubernetes.kubeconfig.get_secret_value())  # type: ignore[union-attr]
+    assert "admin@homelab" in [c["name"] for c in kubeconfig["contexts"]]
+
+
+def test_rerun_after_provision_starts_no_proxmox_task_and_bootstraps_nothing(make_lab: Any) -> None:
+    lab = make_lab()
+    assert lab.run()["status"] == "completed"
+    tasks_before = {t["upid"] for t in lab.tasks()}
+    member = lab.sim.world.clusters["homelab"].etcd_members()[0].etcd_member_id
+    again = lab.run()
+    assert again["status"] == "completed", again["error"]
+    assert [v["action"] for v in again["vms"]] == ["ok", "ok"]
+    assert again["bootstrapped"] is True
+    assert {t["upid"] for t in lab.tasks()} == tasks_before
+    assert [n.etcd_member_id for n in lab.sim.world.clusters["homelab"].etcd_members()] == [member]
+
+
+def test_changed_memory_is_planned_then_applied_as_an_update(make_lab: Any) -> None:
+    lab = make_lab(state="synced")
+    set_memory(lab.tree, "homelab-worker-1", 24576)
+    planned = lab.run(plan_only=True)
+    assert planned["status"] == "planned"
+    assert {v["name"]: v["action"] for v in planned["vms"]} == {"homelab-cp-1": "ok", "homelab-worker-1": "update"}
+    assert lab.vms()[211].memory_mib == 16384  # plan mode changed nothing
+    from prefect.artifacts import Artifact
+
+    artifact = Artifact.get("provision-plan-homelab")
+    assert artifact is not None
+    rows = {r["vm"]: r for r in json.loads(str(artifact.data))}
+    assert rows["homelab-worker-1"]["changes"] == "memory 16384 MiB → 24576 MiB"
+    applied = lab.run()
+    assert applied["status"] == "completed", applied["error"]
+    assert lab.vms()[211].memory_mib == 24576
+    assert [t for t in lab.tasks() if t.get("type") == "qmclone"] == []
+    assert [v["action"] for v in lab.run(plan_only=True)["vms"]] == ["ok", "ok"]
+
+
+def test_extra_vm_of_the_cluster_is_reported_unmanaged_and_left_alone(make_lab: Any) -> None:
+    lab = make_lab(state="synced")
+    api = lab.api()
+    api.wait_task("pve", api.clone_template("pve", 9000, 250, "homelab-extra-1"), px_deadline(30))
+    result = lab.run()
+    assert result["status"] == "completed", result["error"]
+    assert {"name": "homelab-extra-1", "vmid": 250, "action": "unmanaged"} in result["vms"]
+    extra = lab.vms()[250]
+    assert extra.name == "homelab-extra-1" and not extra.running
+
+
+def test_failed_proxmox_task_stops_with_its_log_line_and_a_rerun_finishes(make_lab: Any) -> None:
+    lab = make_lab(faults=("proxmox-task-fails",))
+    state = provision(homelab=lab.block, cluster="homelab", require_approval=False, deadlines=FAST,
+                      return_state=True)
+    assert state.is_failed()
+    failed = state.result(raise_on_failure=False)
+    assert isinstance(failed, ProvisionFailed)
+    result = failed.result
+    assert result["status"] == "failed" and result["bootstrapped"] is False
+    assert "clone homelab-cp-1" in result["error"]
+    assert "insufficient free space" in result["error"]  # the task's own log line
+    assert set(lab.vms()) == {9000}
+    lab.sim.clear("proxmox-task-fails")
+    again = lab.run()
+    assert again["status"] == "completed", again["error"]
+    assert sorted(lab.vms()) == [201, 211, 9000]
+    assert len([t for t in lab.tasks() if t.get("type") == "qmclone" and t.get("status") == "OK"]) == 2
+
+
+def test_node_never_ready_fails_at_the_wait_and_a_rerun_converges_without_second_bootstrap(make_lab: Any) -> None:
+    lab = make_lab(faults=("node-never-ready=homelab-worker-1",))
+    failed = lab.run(deadlines=Deadlines(proxmox_task_seconds=30, talos_api_seconds=30, health_seconds=2))
+    assert failed["status"] == "failed" and failed["bootstrapped"] is True
+    assert failed["error"].startswith("talosctl health:") and "rerun" in failed["error"]
+    assert "homelab-worker-1: NotReady" in failed["error"]  # the last state seen
+    member = lab.sim.world.clusters["homelab"].etcd_members()[0].etcd_member_id
+    clones = len([t for t in lab.tasks() if t.get("type") == "qmclone"])
+    lab.sim.clear("node-never-ready")
+    again = lab.run()
+    assert again["status"] == "completed", again["error"]
+    assert [v["action"] for v in again["vms"]] == ["ok", "ok"]
+    assert [n.etcd_member_id for n in lab.sim.world.clusters["homelab"].etcd_members()] == [member]
+    assert len([t for t in lab.tasks() if t.get("type") == "qmclone"]) == clones == 2
+
+
+def test_rejected_approval_ends_failed_before_any_proxmox_task(make_lab: Any) -> None:
+    import threading
+    import time
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    from flows.approval import approve
+
+    lab = make_lab()
+    outcome: dict[str, Any] = {}
+    runner = threading.Thread(target=lambda: outcome.update(lab.run(require_approval=True)), daemon=True)
+    runner.start()
+    paused = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
+    deadline = time.monotonic() + 60
+    runs: list[Any] = []
+    with get_client(sync_client=True) as client:
+        while not runs and time.monotonic() < deadline:
+            runs = [r for r in client.read_flow_runs(flow_run_filter=paused)
+                    if r.parameters.get("homelab") == lab.block]
+            time.sleep(0.2)
+    assert runs, "the run never paused for approval"
+    assert lab.tasks() == []
+    approve(str(runs[0].id), reject=True, comment="not today")
+    runner.join(60)
+    assert outcome["status"] == "failed" and outcome["error"] == "rejected"
+    assert lab.tasks() == [] and set(lab.vms()) == {9000}
+
+
+def test_recorded_task_of_an_interrupted_run_is_rechecked_not_repeated(make_lab: Any) -> None:
+    from tasks.proxmox import UpidRecord, record_key
+
+    lab = make_lab()
+    api = lab.api()
+    # An earlier run sent the clone, recorded its UPID and died before it saw the task end.
+    UpidRecord().set(record_key("homelab", 201, "clone"), api.clone_template("pve", 9000, 201, "homelab-cp-1",
+                                                                             storage="local-lvm"))
+    result = lab.run()
+    assert result["status"] == "completed", result["error"]
+    assert {v["name"]: v["action"] for v in result["vms"]}["homelab-cp-1"] == "update"
+    clones = [t for t in lab.tasks() if t.get("type") == "qmclone"]
+    assert len(clones) == 2  # one per VM: the recorded one was awaited, not sent again
+    assert UpidRecord().get(record_key("homelab", 201, "clone")) is None
+
+
+# --- the command line -----------------------------------------------------------------------------
+
+
+def cli_app() -> typer.Typer:
+    app = typer.Typer()
+
+    @app.command()
+    def main(homelab: str = "default", cluster: str = "homelab", plan: bool = False, yes: bool = False,
+             twin: bool = False, twin_state: str = "pre-upgrade", fault: list[str] = [],  # noqa: B006
+             json_: bool = typer.Option(False, "--json")) -> None:
+        cli(homelab, cluster, plan, yes, twin, twin_state, fault, json_)
+
+    return app
+
+
+def test_cli_refuses_plan_with_yes_as_usage_error() -> None:
+    out = CliRunner().invoke(cli_app(), ["--plan", "--yes"])
+    assert out.exit_code == 2
+    assert "--plan and --yes" in out.output
+
+
+def test_cli_broken_cluster_yaml_exits_2_with_the_problem_lines(prefect_api_url: str, tmp_path: Path) -> None:
+    tree = tmp_path / "k8s"
+    shutil.copytree(ROOT / "k8s", tree)
+    path = tree / "clusters/homelab/cluster.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc["vms"][0]["memory"] = "lots"
+    doc["vms"][1]["mac"] = "not-a-mac"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    name = f"provision-broken-{uuid.uuid4().hex[:8]}"
+    Homelab(kubernetes=Kubernetes(), talos=Talos(), git=GitSource(url=str(tmp_path)), tree_path=str(tree),
+            proxmox=Proxmox(host="127.0.0.1", port=9, token_name="t", token_value=SecretStr("x"))).save(name)
+    out = CliRunner().invoke(cli_app(), ["--homelab", name, "--yes", "--json"])
+    assert out.exit_code == 2, out.output
+    assert "cluster.yaml: vms[0].memory:" in out.output
+    assert "cluster.yaml: vms[1].mac:" in out.output
+
+
+def test_cli_plan_on_the_twin_prints_the_planned_result_as_json(prefect_api_url: str) -> None:
+    out = CliRunner().invoke(cli_app(), ["--twin", "--plan", "--json"])
+    assert out.exit_code == 0, out.output
+    result = json.loads(out.output.strip().splitlines()[-1])
+    assert result["status"] == "planned"
+    assert [v["action"] for v in result["vms"]] == ["create", "create"]
+
+
+# --- the merges (pure) --------------------------------------------------------------------------
+
+
+def test_merged_kubeconfig_keeps_other_clusters_and_replaces_this_one() -> None:
+    current = yaml.safe_dump({"apiVersion": "v1", "kind": "Config", "current-context": "admin@m720q",
+                              "clusters": [{"name": "m720q", "cluster": {"server": "https://a"}},
+                                           {"name": "homelab", "cluster": {"server": "https://old"}}],
+                              "users": [{"name": "admin@m720q", "user": {"token": "t1"}}],
+                              "contexts": [{"name": "admin@m720q", "context": {"cluster": "m720q", "user": "admin@m720q"}}]})
+    fetched = textwrap.dedent("""\
+        apiVersion: v1
+        kind: Config
+        clusters: [{name: homelab, cluster: {server: "https://new"}}]
+        users: [{name: admin@homelab, user: {token: t2}}]
+        contexts: [{name: admin@homelab, context: {cluster: homelab, user: admin@homelab}}]
+        current-context: admin@homelab
+        """)
+    merged = yaml.safe_load(merge_kubeconfig(current, fetched, "admin@homelab"))
+    assert merged["current-context"] == "admin@m720q"
+    assert {c["name"]: c["cluster"]["server"] for c in merged["clusters"]} == {"m720q": "https://a", "homelab": "https://new"}
+    assert [c["name"] for c in merged["contexts"]] == ["admin@m720q", "admin@homelab"]
+
+
+def test_merged_talosconfig_points_the_new_context_at_the_control_planes() -> None:
+    current = yaml.safe_dump({"context": "m720q", "contexts": {"m720q": {"endpoints": ["10.42.0.101"]}}})
+    generated = yaml.safe_dump({"context": "homelab", "contexts": {"homelab": {"endpoints": ["127.0.0.1"], "ca": "c"}}})
+    merged = yaml.safe_load(merge_talosconfig(current, generated, "homelab", ["10.42.0.161"]))
+    assert merged["context"] == "m720q"
+    assert merged["contexts"]["homelab"] == {"endpoints": ["10.42.0.161"], "ca": "c"}
+    assert merged["contexts"]["m720q"] == {"endpoints": ["10.42.0.101"]}
+
+
+def px_deadline(seconds: float) -> float:
+    from tasks.proxmox import deadline_in
+
+    return deadline_in(seconds)
