@@ -15,6 +15,9 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # Stored events become readable within a second instead of five.
 os.environ.setdefault("PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL", "0.5")
+# The server renders the links of notifications, so it needs its UI's address, as a real one does
+# (see the operator guide).
+os.environ.setdefault("PREFECT_UI_URL", "http://prefect.homelab.test")
 
 
 def free_port() -> int:

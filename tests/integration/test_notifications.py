@@ -5,7 +5,6 @@ service. Test flows carry the real flows' names, because the automations select 
 from __future__ import annotations
 
 import json
-import os
 import re
 import threading
 import time
@@ -23,10 +22,6 @@ from deployments.setup import setup
 from flows.approval import approve, request_approval
 
 pytestmark = pytest.mark.integration
-
-# The Prefect server renders the links, so it needs its UI's address, as a real one does (see the operator
-# guide). Set at collection, before the session's server starts and inherits the environment.
-os.environ.setdefault("PREFECT_UI_URL", "http://prefect.homelab.test")
 
 DEADLINE_S = 30.0
 BLOCK = "homelab-test-chat"
