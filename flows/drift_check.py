@@ -15,16 +15,12 @@ final state Completed named "Drifted" when anything is found, and the event `hom
 from __future__ import annotations
 
 import contextlib
-import io
-import os
-import subprocess
-import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -40,9 +36,9 @@ from homelab.config import Cluster, load_tree
 from homelab.drift import DriftReport, Finding
 from homelab.problems import ConfigError, Problem
 from homelab.validate import validate
+from tasks import git as gitrepo
 
 EVENT = "homelab.drift.detected"
-GIT_TIMEOUT_S = 60.0
 PROXMOX_DEADLINE_S = 10.0
 KUBE_LIST_TIMEOUT_S = 20.0
 
@@ -54,62 +50,25 @@ class DriftCheckFailed(RuntimeError):
 # --- git: the desired state at the branch head -------------------------------------------------------
 
 
-def _git(argv: list[str], timeout: float = GIT_TIMEOUT_S) -> subprocess.CompletedProcess[bytes]:
-    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_CONFIG_NOSYSTEM": "1"}
-    try:
-        proc = subprocess.run(["git", *argv], capture_output=True, timeout=timeout, env=env, check=False,
-                              stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise DriftCheckFailed(f"`git {argv[0]} ...` gave no answer within {timeout:g} s; check the git block's "
-                               "url and that the repository is reachable") from None
-    except FileNotFoundError:
-        raise DriftCheckFailed("git is not installed on this worker; install it to read the desired state") from None
-    return proc
-
-
-def branch_head(url: str, branch: str) -> str:
-    """The sha at refs/heads/<branch> of the repository (a local path or a clone URL)."""
-    proc = _git(["ls-remote", "--", url, f"refs/heads/{branch}"])
-    if proc.returncode != 0:
-        raise DriftCheckFailed(f"git ls-remote {url} refs/heads/{branch} failed: "
-                               f"{proc.stderr.decode(errors='replace').strip()[-300:]}; check the git block")
-    line = proc.stdout.decode().split()
-    if not line:
-        raise DriftCheckFailed(f"the repository {url} has no branch {branch!r}; fix the git block's branch")
-    return line[0]
-
-
-def export_tree(url: str, sha: str, tree_path: str, dest: Path) -> Path:
-    """The tree_path folder of commit sha, written under dest (same layout as the repository)."""
-    if Path(url).expanduser().is_dir():
-        proc = _git(["-C", str(Path(url).expanduser()), "archive", "--format=tar", sha, "--", tree_path])
-        if proc.returncode != 0:
-            raise DriftCheckFailed(f"git archive {sha[:12]} {tree_path} in {url} failed: "
-                                   f"{proc.stderr.decode(errors='replace').strip()[-300:]}; is {tree_path}/ "
-                                   "in the repository at that commit?")
-        with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as tar:
-            tar.extractall(dest, filter="data")
-    else:
-        repo = dest
-        clone = _git(["clone", "--quiet", "--no-checkout", "--filter=blob:none", "--", url, str(repo)])
-        if clone.returncode != 0:
-            raise DriftCheckFailed(f"git clone {url} failed: {clone.stderr.decode(errors='replace').strip()[-300:]}")
-        co = _git(["-C", str(repo), "checkout", "--quiet", sha, "--", tree_path])
-        if co.returncode != 0:
-            raise DriftCheckFailed(f"git checkout {sha[:12]} -- {tree_path} failed: "
-                                   f"{co.stderr.decode(errors='replace').strip()[-300:]}")
-    root = dest / tree_path
-    if not (root / "clusters").is_dir():
-        raise DriftCheckFailed(f"{tree_path}/clusters/ is not in {url} at {sha[:12]}; fix the git block's tree_path")
-    return root
-
-
 @contextlib.contextmanager
 def desired_tree(block: Homelab) -> Iterator[tuple[Path, str]]:
     """(the tree at the branch head in a temp dir, the revision as Flux names it: <branch>@sha1:<sha>)."""
-    sha = branch_head(block.git.url, block.git.branch)
+    url, branch, tree_path = block.git.url, block.git.branch, block.git.tree_path.strip("/")
+    try:
+        repo = gitrepo.Repo.from_url(url)
+        sha = repo.branch_head(branch)
+    except gitrepo.GitError as e:
+        raise DriftCheckFailed(f"the desired state cannot be read: {e}; check the git block's url and branch "
+                               "and that the repository is reachable") from None
     with tempfile.TemporaryDirectory(prefix="homelab-drift-") as tmp:
-        yield export_tree(block.git.url, sha, block.git.tree_path, Path(tmp)), f"{block.git.branch}@sha1:{sha}"
+        try:
+            root = repo.export(sha, tree_path, Path(tmp))
+        except gitrepo.GitError as e:
+            raise DriftCheckFailed(f"{e}; is {tree_path or 'the tree'}/ in {url} at {sha[:12]}?") from None
+        if not (root / "clusters").is_dir():
+            raise DriftCheckFailed(f"{tree_path or '.'}/clusters/ is not in {url} at {sha[:12]}; "
+                                   "fix the git block's tree_path")
+        yield root, f"{branch}@sha1:{sha}"
 
 
 # --- observing (each part bounded: a list call per kind, never one request per object) -------------
@@ -135,7 +94,6 @@ def _generated_config(roots: list[Path], cluster: Cluster, host: str) -> Path | 
 @task(name="drift-proxmox", cache_policy=NO_CACHE)
 def observe_proxmox(block: Homelab, cluster: Cluster) -> tuple[list[Finding], bool | None]:
     """(findings, provisioned?) — provisioned is None when Proxmox could not be read."""
-    from homelab.provision import ObservedVM
     from tasks import proxmox as px
 
     cfg = cluster.proxmox
@@ -148,12 +106,10 @@ def observe_proxmox(block: Homelab, cluster: Cluster) -> tuple[list[Finding], bo
     try:
         # One call: the VM list carries cores (cpus), memory (maxmem) and the boot disk (maxdisk) from
         # each VM's config; a per-VM config read would be one request per object.
-        listing = api._call(f"list the VMs of node {node}", lambda: api._api.nodes(node).qemu.get(),  # noqa: SLF001
-                            deadline=time.monotonic() + PROXMOX_DEADLINE_S)
+        observed = api.list_vm_summaries(node, deadline=time.monotonic() + PROXMOX_DEADLINE_S)
     except px.ProxmoxError as e:
         return [drift.unreachable("proxmox", cluster.name, f"Proxmox API ({block.proxmox.host})", str(e),
                                   "check that Proxmox is up and the block's token is valid")], None
-    observed = [ObservedVM.from_api(item, None, node) for item in listing or []]
     return drift.compare_vms(cfg, observed), drift.provisioned(cfg, observed)
 
 
@@ -271,7 +227,7 @@ def drift_check(
 ) -> Any:
     """Compare the GitOps tree at the branch head with the live homelab; read-only."""
     logger = get_run_logger()
-    block: Homelab = Homelab.load(homelab)  # type: ignore[assignment]  # sync context: not a coroutine
+    block = cast(Homelab, Homelab.load(homelab))  # a sync flow: load returns the block, not a coroutine
     with desired_tree(block) as (root, revision):
         report = scan(block, root, revision, cluster)
     create_markdown_artifact(report.markdown(), key="drift-check",

@@ -45,9 +45,11 @@ def is_zero(sha: str | None) -> bool:
 class Repo:
     """One local git repository (a checkout or a bare mirror)."""
 
-    def __init__(self, path: Path, timeout_s: float = GIT_TIMEOUT_S):
+    def __init__(self, path: Path, timeout_s: float = GIT_TIMEOUT_S, *, mirror: bool = False):
         self.path = Path(path)
         self.timeout_s = timeout_s
+        # A mirror stands in for a remote repository: its refs are only as current as its last fetch.
+        self.mirror = mirror
 
     @classmethod
     def from_url(cls, url: str, cache: Path | None = None) -> Repo:
@@ -57,7 +59,7 @@ class Repo:
             return cls(local)
         root = cache or Path(os.environ.get("HOMELAB_GIT_CACHE", "~/.cache/homelab-flows/git")).expanduser()
         mirror = root / hashlib.sha256(url.encode()).hexdigest()[:16]
-        repo = cls(mirror)
+        repo = cls(mirror, mirror=True)
         if not (mirror / "HEAD").exists():
             root.mkdir(parents=True, exist_ok=True)
             repo._run(["git", "clone", "--quiet", "--mirror", "--", url, str(mirror)], what=f"clone of {url}")
@@ -84,6 +86,17 @@ class Repo:
         return self._run(["git", "-C", str(self.path), *args], what or f"git {args[0]}", input_text, ok)
 
     # -- commits --
+
+    def branch_head(self, branch: str) -> str:
+        """The commit at refs/heads/<branch>; a mirror is fetched first, so it is the remote's current head."""
+        if self.mirror:
+            self.git("fetch", "--quiet", "--prune", what="git fetch")
+        proc = self.git("rev-parse", "--verify", "--quiet", f"refs/heads/{branch}^{{commit}}",
+                        what=f"resolve branch {branch}", ok=(0, 1, 128))
+        if proc.returncode != 0:
+            raise GitError(f"{self.path}: has no branch {branch!r} (refs/heads/{branch}); check the branch "
+                           "in the Homelab block's git part")
+        return proc.stdout.decode().strip()
 
     def has_commit(self, sha: str) -> bool:
         sha = check_sha(sha, "commit")

@@ -150,12 +150,21 @@ class ProxmoxApi:
 
     # --- reading ----------------------------------------------------------------------------------
 
-    def list_vms(self, node: str, *, deadline: float | None = None) -> list[ObservedVM]:
-        """Every VM on the node, each with its config as its next start will have it (pending applied)."""
+    def _listing(self, node: str, deadline: float | None) -> list[dict[str, Any]]:
         listing = self._call(f"list the VMs of node {node}", lambda: self._api.nodes(node).qemu.get(),
                              deadline=deadline)
+        return sorted(listing or [], key=lambda i: int(i["vmid"]))
+
+    def list_vm_summaries(self, node: str, *, deadline: float | None = None) -> list[ObservedVM]:
+        """Every VM on the node from the VM list alone (one request): cores, memory and boot disk size as
+        the list reports them; no MAC, bridge or pending changes. For checks that must not cost a request
+        per VM; `list_vms` when the values of the next start matter."""
+        return [ObservedVM.from_api(item, None, node) for item in self._listing(node, deadline)]
+
+    def list_vms(self, node: str, *, deadline: float | None = None) -> list[ObservedVM]:
+        """Every VM on the node, each with its config as its next start will have it (pending applied)."""
         out = []
-        for item in sorted(listing or [], key=lambda i: int(i["vmid"])):
+        for item in self._listing(node, deadline):
             vmid = int(item["vmid"])
             pending = self._call(f"read the config of VM {vmid} on node {node}",
                                  partial(self._pending, node, vmid), deadline=deadline)

@@ -253,3 +253,28 @@ def _closed_port() -> int:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
+
+
+def _commit(repo: Any, message: str) -> str:
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@localhost"]
+    (repo / "clusters").mkdir(exist_ok=True)
+    (repo / "clusters" / "note.txt").write_text(message)
+    subprocess.run([*git, "add", "-A"], check=True, capture_output=True, timeout=30)
+    subprocess.run([*git, "commit", "-q", "-m", message], check=True, capture_output=True, timeout=30)
+    return subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True,
+                          timeout=30).stdout.strip()
+
+
+def test_desired_state_of_a_mirrored_remote_is_its_head_after_a_later_push(tmp_path: Any) -> None:
+    from tasks.git import Repo
+
+    origin = tmp_path / "origin"
+    subprocess.run(["git", "init", "-q", "-b", "main", str(origin)], check=True, capture_output=True, timeout=30)
+    _commit(origin, "first")
+    mirror = tmp_path / "mirror.git"
+    subprocess.run(["git", "clone", "-q", "--mirror", str(origin), str(mirror)], check=True, capture_output=True,
+                   timeout=30)
+    pushed = _commit(origin, "second")
+    repo = Repo(mirror, mirror=True)
+    assert repo.branch_head("main") == pushed
+    assert (repo.export(pushed, "clusters", tmp_path / "out") / "note.txt").read_text() == "second"
