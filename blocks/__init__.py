@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
@@ -150,6 +150,11 @@ class Homelab(Block):
 
     def runs_ceph(self, cluster: str) -> bool:
         return self.ceph is not None and cluster in self.ceph_clusters
+
+
+def load_homelab(name: str) -> Homelab:
+    """The saved Homelab block `name` (Block.load is typed for both sync and async callers)."""
+    return cast(Homelab, Homelab.load(name))
 
 
 ALL_BLOCKS: list[type[Block]] = [Kubernetes, Talos, Ceph, Proxmox, GitSource, Webhook, Homelab]

@@ -49,20 +49,39 @@ def load_flow(entrypoint: str, root: Path = PREFECT_YAML.parent) -> Any:
 
 
 def _schedules(entry: dict[str, Any]) -> list[Any] | None:
+    """The entry's `schedules:` as Prefect schedules, with the same fields `prefect deploy` reads."""
     from prefect.schedules import Cron, Interval, RRule
 
     out = []
     for s in entry.get("schedules") or []:
-        active = s.get("active", True)
+        if not isinstance(s, dict):
+            raise ServeConfigError(f"deployment {entry.get('name')}: schedule {s!r} is not a mapping")
+        common = {"timezone": s.get("timezone"), "active": s.get("active", True),
+                  "parameters": s.get("parameters") or None, "slug": s.get("slug")}
         if "cron" in s:
-            out.append(Cron(s["cron"], timezone=s.get("timezone"), active=active))
+            out.append(Cron(s["cron"], day_or=s.get("day_or", True), **common))
         elif "interval" in s:
-            out.append(Interval(s["interval"], timezone=s.get("timezone"), active=active))
+            out.append(Interval(s["interval"], anchor_date=s.get("anchor_date"), **common))
         elif "rrule" in s:
-            out.append(RRule(s["rrule"], timezone=s.get("timezone"), active=active))
+            out.append(RRule(s["rrule"], **common))
         else:
             raise ServeConfigError(f"deployment {entry.get('name')}: schedule {s!r} has no cron, interval or rrule")
     return out or None
+
+
+def _concurrency(entry: dict[str, Any]) -> Any:
+    """`concurrency_limit:` as `prefect deploy` reads it: a number, or {limit, collision_strategy}."""
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
+    from pydantic import ValidationError
+
+    value = entry.get("concurrency_limit")
+    if value is None or isinstance(value, int):
+        return value
+    try:
+        return ConcurrencyLimitConfig.model_validate(value)
+    except ValidationError as e:
+        raise ServeConfigError(f"deployment {entry.get('name')}: concurrency_limit {value!r}: expected a number "
+                               f"or {{limit, collision_strategy: ENQUEUE|CANCEL_NEW}}: {e}") from None
 
 
 def _triggers(entry: dict[str, Any]) -> list[Any]:
@@ -102,7 +121,7 @@ def to_deployments(entries: Iterable[dict[str, Any]], only: Iterable[str] = (), 
             parameters["homelab"] = homelab
         out.append(flow.to_deployment(
             name=name, description=e.get("description"), parameters=parameters, triggers=_triggers(e),
-            schedules=_schedules(e), tags=e.get("tags"), concurrency_limit=e.get("concurrency_limit"),
+            schedules=_schedules(e), tags=e.get("tags"), concurrency_limit=_concurrency(e),
             enforce_parameter_schema=e.get("enforce_parameter_schema", True)))
     return out
 

@@ -48,7 +48,7 @@ def _paused_run_id(since: datetime, deadline: float) -> str:
                 flow_filter=FlowFilter(name=FlowFilterName(any_=["talos-upgrade"])),
                 flow_run_filter=FlowRunFilter(
                     state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])),
-                    start_time=FlowRunFilterStartTime(after_=since)),
+                    start_time=FlowRunFilterStartTime(after_=since)),  # type: ignore[arg-type]  # a datetime is what it takes
             )
             if runs:
                 return str(runs[0].id)

@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import Annotated, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -29,7 +29,7 @@ from prefect.events import emit_event
 from prefect.states import Completed
 from pydantic import Field
 
-from blocks import Homelab
+from blocks import Homelab, load_homelab
 from flows import _runtime
 from homelab import drift
 from homelab.config import Cluster, load_tree
@@ -227,7 +227,7 @@ def drift_check(
 ) -> Any:
     """Compare the GitOps tree at the branch head with the live homelab; read-only."""
     logger = get_run_logger()
-    block = cast(Homelab, Homelab.load(homelab))  # a sync flow: load returns the block, not a coroutine
+    block = load_homelab(homelab)
     with desired_tree(block) as (root, revision):
         report = scan(block, root, revision, cluster)
     create_markdown_artifact(report.markdown(), key="drift-check",

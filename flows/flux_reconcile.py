@@ -20,7 +20,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
-from blocks import Homelab
+from blocks import load_homelab
 from flows import _runtime
 from homelab.config import FluxKustomization, FluxTree, load_tree
 from homelab.problems import ConfigError, Problem
@@ -193,7 +193,8 @@ def reconcile_selection(kube: Any, tree: FluxTree, keys: set[Key], with_source: 
 # --- the flow ------------------------------------------------------------------------------------
 
 
-@flow(name="flux-reconcile", task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL), validate_parameters=True)
+@flow(name="flux-reconcile", task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL),  # type: ignore[arg-type]  # Prefect 3.9 types the runner generically
+      validate_parameters=True)
 def flux_reconcile(
     homelab: Annotated[str, Field(description="The Homelab block to act on.")] = "default",
     cluster: Annotated[str, Field(description="The cluster whose Flux objects to reconcile (clusters/<cluster>/).")] = "m720q",
@@ -208,7 +209,7 @@ def flux_reconcile(
     started_at = time.monotonic()
     deadline = started_at + timeout_seconds
     logger = get_run_logger()
-    block = Homelab.load(homelab)
+    block = load_homelab(homelab)
     tree = load_tree(block.gitops_tree()).cluster(cluster).flux
     keys = select(tree, kustomizations)
     with flux.kube_client(block, cluster) as kube:

@@ -11,14 +11,15 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.client.schemas.objects import FlowRun
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
-from blocks import Homelab
+from blocks import load_homelab
 from flows.flux_reconcile import MAX_PARALLEL, NOT_STARTED, reconcile_selection
 from homelab import git_push as gp
 from homelab.config import load_talconfig, load_tree
@@ -69,13 +70,15 @@ def _start(start: gp.DeploymentStart) -> dict[str, Any]:
 
     row = {"deployment": start.deployment, "parameters": start.parameters, "reason": start.reason}
     try:
-        run = run_deployment(start.deployment, parameters=start.parameters, timeout=0, as_subflow=False)
+        # called from a sync flow: run_deployment returns the FlowRun, not a coroutine
+        run = cast(FlowRun, run_deployment(start.deployment, parameters=start.parameters, timeout=0, as_subflow=False))
     except ObjectNotFound:
         return {**row, "outcome": "not started: deployment missing"}
     return {**row, "outcome": f"started flow run {run.id}", "flow_run_id": str(run.id)}
 
 
-@flow(name="git-push", task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL), validate_parameters=True)
+@flow(name="git-push", task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL),  # type: ignore[arg-type]  # Prefect 3.9 types the runner generically
+      validate_parameters=True)
 def git_push(
     repository: Annotated[str, Field(description="The pushed repository, owner/name.")],
     ref: Annotated[str, Field(description="The pushed ref, e.g. refs/heads/main.")],
@@ -90,7 +93,7 @@ def git_push(
     required) and provision plans when the cluster definitions changed."""
     logger = get_run_logger()
     deadline = time.monotonic() + timeout_seconds
-    block = Homelab.load(homelab)
+    block = load_homelab(homelab)
     result: dict[str, Any] = {"status": IGNORED, "repository": repository, "ref": ref, "before": before,
                               "after": after, "changed_paths": [], "reconcile": {}, "deployments": [], "notes": []}
     notes: list[str] = result["notes"]

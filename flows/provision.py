@@ -35,7 +35,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, SecretStr
 
-from blocks import Homelab
+from blocks import Homelab, load_homelab
 from flows import _runtime
 from homelab.config import ProxmoxCluster, load_tree
 from homelab.problems import ConfigError, Problem
@@ -445,7 +445,7 @@ def provision(
         deadlines: How long each kind of wait may take.
     """
     logger = get_run_logger()
-    block = cast(Homelab, Homelab.load(homelab))
+    block = load_homelab(homelab)
     cfg = read_cluster(block.gitops_tree(), cluster)
     api = px.ProxmoxApi.from_block(proxmox_block(block, cluster))
     plan: ProvisionPlan | None = None
@@ -562,7 +562,7 @@ def cli(homelab: str, cluster: str, plan: bool, yes: bool, twin: bool, twin_stat
     _runtime.quiet_prefect()
     with _runtime.target(homelab, twin, twin_state, fault) as block_name:
         try:
-            Homelab.load(block_name)
+            load_homelab(block_name)
         except ValueError:
             typer.echo(f"homelab provision: no Homelab block named {block_name!r} on this Prefect server; "
                        "create it (prefect block register -m blocks, then save one) or use --twin", err=True)
@@ -573,7 +573,7 @@ def cli(homelab: str, cluster: str, plan: bool, yes: bool, twin: bool, twin_stat
             shown: dict[str, Any] = {}
 
             def ask_plan() -> None:
-                block = cast(Homelab, Homelab.load(block_name))
+                block = load_homelab(block_name)
                 cfg, p, _, booted = observe_and_plan(block, cluster)
                 shown.update(cfg=cfg, plan=p, bootstrapped=booted)
 

@@ -63,6 +63,144 @@ def approve(
         raise typer.Exit(1) from None
     typer.echo(f"run {run_id} {'rejected' if reject else 'approved'}")
 
+# --- flows ------------------------------------------------------------------------------------
+# Options every flow command shares. Flow modules are imported inside the commands so that
+# `homelab --help` and `homelab validate` stay fast and need no Prefect server.
+
+HomelabOpt = Annotated[str, typer.Option("--homelab", help="The Homelab block to use (ignored with --twin).")]
+TwinOpt = Annotated[bool, typer.Option("--twin", help="Run against a simulated homelab started for this command.")]
+TwinStateOpt = Annotated[str, typer.Option("--twin-state", help="The simulated homelab's state: pre-upgrade | synced.")]
+FaultOpt = Annotated[list[str] | None, typer.Option("--fault", help="Fault for the simulated homelab, NAME=ARG; repeatable.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on the last line.")]
+WindowOpt = Annotated[str | None, typer.Option("--window", help="Maintenance window start, a cron expression.")]
+WindowHoursOpt = Annotated[float, typer.Option("--window-hours", help="Maintenance window length in hours.")]
+TzOpt = Annotated[str, typer.Option("--tz", help="Time zone of the maintenance window (IANA name).")]
+NowOpt = Annotated[bool, typer.Option("--now", help="Run now even outside the maintenance window.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show the plan and the commands; change nothing.")]
+YesOpt = Annotated[bool, typer.Option("--yes", help="Approve the plan without asking.")]
+
+upgrade_app = typer.Typer(no_args_is_help=True, help="Rolling upgrades, one node at a time, behind the safety gates.")
+app.add_typer(upgrade_app, name="upgrade")
+
+
+@upgrade_app.command("talos")
+def upgrade_talos(
+    homelab: HomelabOpt = "default",
+    cluster: Annotated[str | None, typer.Option("--cluster", help="Cluster to upgrade (default: the block's).")] = None,
+    to: Annotated[str | None, typer.Option("--to", help="Target Talos version (default: talconfig's talosVersion).")] = None,
+    node: Annotated[list[str] | None, typer.Option("--node", help="Only this node (repeatable; default all).")] = None,
+    dry_run: DryRunOpt = False,
+    yes: YesOpt = False,
+    window: WindowOpt = None,
+    window_hours: WindowHoursOpt = 4.0,
+    tz: TzOpt = "UTC",
+    now: NowOpt = False,
+    twin: TwinOpt = False,
+    twin_state: TwinStateOpt = "pre-upgrade",
+    fault: FaultOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Upgrade Talos node by node: gates, approval, one global lock, resumable."""
+    from flows.talos_upgrade import cli_talos
+
+    cli_talos(homelab=homelab, cluster=cluster, to=to, node=node, dry_run=dry_run, yes=yes, window=window,
+              window_hours=window_hours, tz=tz, now=now, twin=twin, twin_state=twin_state, fault=fault,
+              json_output=json_output)
+
+
+@upgrade_app.command("kubernetes")
+def upgrade_kubernetes(
+    homelab: HomelabOpt = "default",
+    cluster: Annotated[str | None, typer.Option("--cluster", help="Cluster to upgrade (default: the block's).")] = None,
+    to: Annotated[str | None, typer.Option("--to", help="Target Kubernetes version (default: kubernetesVersion).")] = None,
+    dry_run: DryRunOpt = False,
+    yes: YesOpt = False,
+    window: WindowOpt = None,
+    window_hours: WindowHoursOpt = 4.0,
+    tz: TzOpt = "UTC",
+    now: NowOpt = False,
+    twin: TwinOpt = False,
+    twin_state: TwinStateOpt = "pre-upgrade",
+    fault: FaultOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Upgrade Kubernetes with talosctl upgrade-k8s: one minor at a time, behind the same gates."""
+    from flows.kubernetes_upgrade import cli_kubernetes
+
+    cli_kubernetes(homelab=homelab, cluster=cluster, to=to, dry_run=dry_run, yes=yes, window=window,
+                   window_hours=window_hours, tz=tz, now=now, twin=twin, twin_state=twin_state, fault=fault,
+                   json_output=json_output)
+
+
+@app.command()
+def reconcile(
+    names: Annotated[list[str] | None, typer.Argument(help="Kustomizations to reconcile.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every Kustomization of the cluster.")] = False,
+    no_source: Annotated[bool, typer.Option("--no-source", help="Do not reconcile the GitRepository first.")] = False,
+    homelab: HomelabOpt = "default",
+    cluster: Annotated[str, typer.Option("--cluster", help="Cluster whose Flux to reconcile.")] = "m720q",
+    twin: TwinOpt = False,
+    twin_state: TwinStateOpt = "pre-upgrade",
+    fault: FaultOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Reconcile Flux Kustomizations in dependsOn order, as `flux reconcile ks --with-source` does."""
+    from flows.flux_reconcile import cli
+
+    cli(list(names or []), all_, no_source, homelab, cluster, twin, twin_state, list(fault or []), json_output)
+
+
+@app.command()
+def provision(
+    homelab: HomelabOpt = "default",
+    cluster: Annotated[str, typer.Option("--cluster", help="The Proxmox cluster of cluster.yaml.")] = "homelab",
+    plan: Annotated[bool, typer.Option("--plan", help="Show the plan; change nothing.")] = False,
+    yes: YesOpt = False,
+    twin: TwinOpt = False,
+    twin_state: TwinStateOpt = "pre-upgrade",
+    fault: FaultOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Provision the Proxmox cluster from cluster.yaml: plan, approve, apply, bootstrap."""
+    from flows.provision import cli
+
+    cli(homelab, cluster, plan, yes, twin, twin_state, list(fault or []), json_output)
+
+
+@app.command()
+def drift(
+    homelab: HomelabOpt = "default",
+    cluster: Annotated[str | None, typer.Option("--cluster", help="Only this cluster (default: all).")] = None,
+    twin: TwinOpt = False,
+    twin_state: TwinStateOpt = "pre-upgrade",
+    fault: FaultOpt = None,
+    json_output: JsonOpt = False,
+) -> None:
+    """Compare the desired state in git with the live homelab (read-only)."""
+    from flows.drift_check import cli
+
+    cli(homelab, cluster, twin, twin_state, list(fault or []), json_output)
+
+
+
+@app.command()
+def setup(
+    notify: Annotated[str | None, typer.Option("--notify", help="Prefect notification block for approvals, "
+                                                                "failures and drift (e.g. slack-webhook/ops).")] = None,
+) -> None:
+    """Idempotent set-up: work pool, the homelab-disruption lock, block types, notifications."""
+    from deployments.setup import cli
+
+    raise typer.Exit(cli(notify))
+
+
+@app.command()
+def demo() -> None:
+    """Simulated homelab + drift check + Talos rolling upgrade + Flux reconcile, summarised."""
+    from flows.demo import run_demo
+
+    raise typer.Exit(run_demo())
+
 
 def _twin_app() -> typer.Typer:
     from twin.cli import twin_app

@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import secrets
 import shlex
+import threading
 import time
 from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,8 @@ from twin.state import KUBE_FLAKY_DEFAULT_SHARE, Knobs, World, parse_fault, seed
 __all__ = ["Knobs", "Twin", "TwinError"]
 
 STOP_BUDGET_SECONDS = 10.0
+# Faults that act inside the simulated Ceph; real Ceph is made unhealthy by really stopping OSDs.
+SIM_CEPH_FAULTS = ("ceph-stuck", "not-ok-to-stop")
 
 
 class TwinError(RuntimeError):
@@ -60,7 +64,10 @@ class Twin:
         self.ceph: Any = None
         self.git: Any = None
         self.control: Any = None
+        self.rook: Any = None
         self.started_seconds: float | None = None
+        self.ceph_start_seconds: float | None = None
+        self.stop_leftovers: list[str] = []
         self._kube_token = secrets.token_hex(16)
         self._parts: list[Any] = []
         self._started = False
@@ -87,10 +94,10 @@ class Twin:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._started = True
         # fakepve is a process of its own: launch it first so it starts while the rest does.
-        prox_cluster = next((c for c in self.tree.clusters.values() if c.proxmox is not None), None)
-        if prox_cluster is not None:
+        prox_cfg = next((c.proxmox for c in self.tree.clusters.values() if c.proxmox is not None), None)
+        if prox_cfg is not None:
             from twin.proxmox import FakeProxmox
-            self.proxmox = FakeProxmox(prox_cluster.proxmox, self.workdir / "proxmox", self.state == "synced",
+            self.proxmox = FakeProxmox(prox_cfg, self.workdir / "proxmox", self.state == "synced",
                                        self._on_vm_power)
             self.proxmox.launch()
             self._parts.append(self.proxmox)
@@ -100,20 +107,22 @@ class Twin:
         if self.ceph_kind == "real":
             from twin.ceph_real import RealCeph
             self.ceph = RealCeph(self.workdir / "ceph", ceph_hosts)
+            # The real CLI is the one on PATH; a shim left by an earlier simulated run would shadow it.
+            (self.bin_dir / "ceph").unlink(missing_ok=True)
         else:
             from twin.ceph_sim import SimCeph
-            self.ceph = SimCeph(ceph_hosts, self.knobs.recovery_seconds,
-                                lambda name, arg=None: self.world.faults.has(name, arg))
-            self.ceph.command = [str(self.bin_dir / "ceph")]
-        self.ceph.start()
-        self._parts.append(self.ceph)
-        if ceph_cluster is not None:
-            ceph_name = ceph_cluster.name
 
-            def power(cluster: str, host: str, down: bool) -> None:
-                if cluster == ceph_name:
-                    (self.ceph.node_down if down else self.ceph.node_up)(host)
-            self.world.power_hooks.append(power)
+            def has_fault(name: str, arg: str | None) -> bool:
+                return self.world.faults.has(name, arg)
+            self.ceph = SimCeph(ceph_hosts, self.knobs.recovery_seconds, has_fault)
+            self.ceph.command = [str(self.bin_dir / "ceph")]
+        # Registered before start(): a start that fails half-way still stops what it started.
+        self._parts.append(self.ceph)
+        t_ceph = time.monotonic()
+        self.ceph.start()
+        self.ceph_start_seconds = time.monotonic() - t_ceph
+        if ceph_cluster is not None:
+            self.world.power_hooks.append(partial(self._ceph_power, ceph_cluster.name))
 
         self.git = GitRepo(self.git_dir)
         self.git.init(self.tree_src)
@@ -136,7 +145,6 @@ class Twin:
         self.nodes.start()
         for f in self.flux:
             f.start()
-        self.rook = None
         if ceph_cluster is not None:
             self.rook = controllers.Rook(self.stores[ceph_cluster.name], self.ceph, self.world)
             self.rook.start()
@@ -159,12 +167,32 @@ class Twin:
             self.inject(name, arg)
         _write_private(self.env_file, self.env_text())
 
+    def _ceph_power(self, ceph_cluster: str, cluster: str, host: str, down: bool) -> None:
+        """A node of the Ceph cluster powers off (its OSD stops) or is back (its OSD starts)."""
+        if cluster != ceph_cluster or self.ceph is None:
+            return
+        try:
+            (self.ceph.node_down if down else self.ceph.node_up)(host)
+        except Exception:
+            # A reboot that ends while the twin tears down finds Ceph stopped: nothing to start.
+            if not self.world.stopping:
+                raise
+
     def stop(self) -> None:
         """Tear every part down (threads joined, servers closed, subprocesses ended) within 10 s."""
         deadline = time.monotonic() + STOP_BUDGET_SECONDS
-        left = self.world.stop(timeout=3.0)
-        if getattr(self, "rook", None) is not None:
+        left: list[str] = []
+        # Rook first: with real Ceph it asks the mon, which must still be there to answer.
+        if self.rook is not None:
             self.rook.stop()
+        # Real daemons take the longest to end (SIGTERM, a grace, SIGKILL): they stop while the rest does.
+        ceph_stopper: threading.Thread | None = None
+        if self.ceph_kind == "real" and self.ceph in self._parts:
+            self._parts.remove(self.ceph)
+            ceph_stopper = threading.Thread(target=self._stop_part, args=(self.ceph, left), name="twin-ceph-stop",
+                                            daemon=True)
+            ceph_stopper.start()
+        left += self.world.stop(timeout=3.0)
         for f in getattr(self, "flux", []):
             f.stop()
         if getattr(self, "nodes", None) is not None:
@@ -175,15 +203,26 @@ class Twin:
             self.control.stop()
         for part in reversed(self._parts):
             if time.monotonic() > deadline:
-                break
-            try:
-                part.stop()
-            except Exception as e:  # stop the rest regardless
-                left.append(f"{type(part).__name__}: {e}")
+                left.append(f"{type(part).__name__}: not stopped within {STOP_BUDGET_SECONDS:.0f} s")
+                continue
+            self._stop_part(part, left)
         self._parts.clear()
+        if ceph_stopper is not None:
+            ceph_stopper.join(max(0.1, deadline - time.monotonic()))
+            if ceph_stopper.is_alive():
+                left.append("real Ceph: daemons still stopping")
+            else:
+                left += [f"ceph daemon {name} (pid {pid})" for name, pid in self.ceph.pids().items()]
         if self.env_file.exists():
             self.env_file.unlink()
         self.stop_leftovers = left
+
+    @staticmethod
+    def _stop_part(part: Any, left: list[str]) -> None:
+        try:
+            part.stop()
+        except Exception as e:  # stop the rest regardless
+            left.append(f"{type(part).__name__}: {e}")
 
     def __enter__(self) -> Twin:
         return self.start()
@@ -195,6 +234,9 @@ class Twin:
 
     def _check_fault_target(self, name: str, arg: str | None) -> None:
         from twin.state import FAULTS
+        if name in SIM_CEPH_FAULTS and self.ceph_kind == "real":
+            raise ValueError(f"fault {name} acts on the simulated Ceph only; with real Ceph stop an OSD instead "
+                             f"(Twin.ceph.node_down(<host>)) or set the pool's min_size to 3")
         if FAULTS[name] == "host" and arg not in self.world.hosts():
             raise ValueError(f"fault {name}={arg}: no node named {arg!r}; nodes: {', '.join(self.world.hosts())}")
         if FAULTS[name] == "kustomization":
@@ -320,7 +362,16 @@ class Twin:
     def _seed_store(self, cluster: str, store: Any, revision: str, with_ceph: bool) -> None:
         from twin import controllers as ctl
         flux = self.tree.clusters[cluster].flux
-        namespaces = {"default", "kube-system", "flux-system"} | {k.namespace for k in flux.kustomizations.values()}
+        # The HelmReleases each Kustomization applies, from the git head, Ready as helm-controller leaves them.
+        releases: dict[tuple[str, str], dict[str, Any]] = {}
+        for k in sorted(flux.kustomizations.values(), key=lambda k: k.key):
+            if k.suspend:
+                continue
+            for hr in ctl.helmreleases_at(self.git.path, k.path):
+                obj = ctl.helmrelease_object(hr, k.key)
+                releases.setdefault((obj["metadata"]["namespace"], obj["metadata"]["name"]), obj)
+        namespaces = ({"default", "kube-system", "flux-system"} | {k.namespace for k in flux.kustomizations.values()}
+                      | {ns for ns, _ in releases})
         if with_ceph:
             namespaces.add("rook-ceph")
         for ns in sorted(namespaces):
@@ -352,6 +403,8 @@ class Twin:
                 "status": {"observedGeneration": 1, "lastAppliedRevision": revision, "lastAttemptedRevision": revision,
                            "conditions": [ctl.condition("Ready", "True", "ReconciliationSucceeded",
                                                         f"Applied revision: {revision}", 1)]}})
+        for _, obj in sorted(releases.items()):
+            store.create(obj)
         if with_ceph:
             store.create(ctl.ceph_cluster_object(self.ceph.health()))
 

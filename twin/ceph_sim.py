@@ -23,6 +23,10 @@ ENOENT = 2
 CLEAN_STATES = ("active+clean",)
 
 
+def _no_faults(name: str, arg: str | None) -> bool:
+    return False
+
+
 class SimCeph:
     """CephBackend (docs/twin.md) simulated in memory; `run(argv)` is the `ceph` command."""
 
@@ -33,7 +37,7 @@ class SimCeph:
         self.recovery_seconds = recovery_seconds
         self.command: list[str] = ["ceph"]
         self.fsid = str(uuid.uuid4())
-        self._faults = faults or (lambda name, arg=None: False)
+        self._faults: Callable[[str, str | None], bool] = faults or _no_faults
         self._lock = threading.RLock()
         self._down: set[str] = set()
         self._recovering_until: float | None = None
@@ -189,6 +193,26 @@ class SimCeph:
 
     # --- the ceph command ------------------------------------------------------------------
 
+    def _pg_stat(self, fmt: str | None) -> tuple[str, str, int]:
+        states = self.pgs_by_state()
+        summary: dict[str, Any] = {
+            "num_pg_by_state": [{"name": s["state_name"], "num": s["count"]} for s in states],
+            "num_pgs": NUM_PGS, "num_bytes": 2222656224, "total_bytes": 26843545600,
+            "total_avail_bytes": 18050441216, "total_used_bytes": 8793104384, "total_used_raw_bytes": 8793104384}
+        text = ", ".join(f"{s['count']} {s['state_name']}" for s in states)
+        text = f"{NUM_PGS} pgs: {text}; 2.1 GiB data, 8.2 GiB used, 17 GiB / 25 GiB avail"
+        degraded = [s for s in states if "degraded" in s["state_name"]]
+        if degraded:
+            with self._lock:
+                down = max(1, len(self._down))
+            objects, total = NUM_OBJECTS * down, NUM_OBJECTS * len(self.hosts)
+            summary.update({"degraded_objects": objects, "degraded_total": total, "degraded_ratio": objects / total})
+            text += f"; {objects}/{total} objects degraded ({100 * objects / total:.3f}%)"
+        body = {"pg_ready": True, "pg_summary": summary}
+        if fmt in ("json", "json-pretty"):
+            return _pacific_json(body, fmt), "", 0
+        return text + "\n", "", 0
+
     def run(self, argv: list[str]) -> tuple[str, str, int]:
         """`ceph <argv>`: (stdout, stderr, exit code) the way the real CLI answers."""
         args, fmt = _strip_global(argv)
@@ -263,12 +287,7 @@ class SimCeph:
                         "num_in_osds": n, "osd_in_since": int(self._started), "num_remapped_pgs": 0}
             return out(body, f"{n} osds: {up} up (since 1h), {n} in (since 1h); epoch: e{self._epoch}\n")
         if cmd == "pg stat":
-            states = self.pgs_by_state()
-            body = {"pg_ready": True, "num_pg_by_state": [{"name": s["state_name"], "num": s["count"]} for s in states],
-                    "num_pgs": NUM_PGS, "num_bytes": 2222656224, "total_bytes": 26843545600,
-                    "num_bytes_avail": 18050441216, "raw_bytes_used": 8793104384}
-            txt = "; ".join(f"{s['count']} {s['state_name']}" for s in states)
-            return out(body, f"{NUM_PGS} pgs: {txt}; 2.1 GiB data, 8.2 GiB used, 17 GiB / 25 GiB avail\n")
+            return self._pg_stat(fmt)
         if cmd == "osd dump":
             with self._lock:
                 flags = ",".join(["sortbitwise", "recovery_deletes", "purged_snapdirs", "pglog_hardlimit",
@@ -289,6 +308,16 @@ class SimCeph:
         if not args:
             return "", "ceph: no command given\n", EINVAL
         return "", f"no valid command found; 10 closest matches:\n{' '.join(args)}\nError EINVAL: invalid command\n", EINVAL
+
+
+def _pacific_json(body: dict[str, Any], fmt: str | None) -> str:
+    """Pacific's `pg stat` JSON framing: a newline before the object, and the outer brace closed on a
+    line of its own with no newline after it (16.2.15, byte for byte)."""
+    if fmt == "json-pretty":
+        text = json.dumps(body, indent=4)
+        return "\n" + text[: -len("\n}")] + "\n\n}\n"
+    text = json.dumps(body, separators=(",", ":"))
+    return "\n" + text[:-1] + "\n}"
 
 
 def _check(severity: str, message: str, count: int, detail: list[str]) -> dict[str, Any]:

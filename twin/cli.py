@@ -22,7 +22,7 @@ def up(
     reboot_seconds: float = typer.Option(3.0, "--reboot-seconds", help="Seconds a node takes to reboot."),
     recovery_seconds: float = typer.Option(2.0, "--recovery-seconds", help="Seconds Ceph PGs take to recover."),
     flux_delay_seconds: float = typer.Option(0.5, "--flux-delay-seconds", help="Seconds a Flux reconcile takes."),
-    ceph: str = typer.Option("sim", "--ceph", help="sim | real (real Ceph daemons)"),
+    ceph: str = typer.Option("sim", "--ceph", help="sim | real (a throw-away cluster of the Debian Ceph daemons)."),
     tree: Path = typer.Option(Path("k8s"), "--tree", help="The GitOps tree to simulate."),
 ) -> None:
     """Run the simulated homelab until interrupted; print how to use it."""
@@ -41,11 +41,34 @@ def up(
         typer.echo(f"homelab twin up: {e}", err=True)
         raise typer.Exit(2) from None
     done = threading.Event()
+    starting = [True]
+
+    def on_signal(signum: int, frame: object) -> None:
+        done.set()
+        if starting[0]:
+            # Real Ceph takes many seconds to come up: a signal then aborts the start, and
+            # Twin.start() stops whatever it had started before re-raising.
+            starting[0] = False
+            raise KeyboardInterrupt
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    twin.start()
+        signal.signal(sig, on_signal)
+    if ceph == "real":
+        typer.echo(f"starting a real Ceph cluster in {workdir / 'ceph'} (about 15 s) ...", err=True)
+    try:
+        twin.start()
+        starting[0] = False
+    except KeyboardInterrupt:
+        twin.stop()  # again: the signal may have come just after start() returned
+        typer.echo("homelab twin up: interrupted while starting; everything it started is stopped", err=True)
+        raise typer.Exit(130) from None
+    except Exception as e:
+        typer.echo(f"homelab twin up: the simulated homelab did not start: {e}", err=True)
+        raise typer.Exit(1) from None
     try:
         typer.echo(f"simulated homelab running in {workdir} (started in {twin.started_seconds:.2f} s)")
+        if ceph == "real":
+            typer.echo(f"  real Ceph: HEALTH_OK, every PG active+clean after {twin.ceph_start_seconds:.2f} s "
+                       f"(CEPH_CONF={twin.ceph.conf})")
         typer.echo(f"  kube API: {', '.join(f'{n} {s.url}' for n, s in twin.kube.items())}")
         if twin.proxmox is not None:
             typer.echo(f"  Proxmox API: {twin.proxmox.url}")

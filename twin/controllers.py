@@ -13,7 +13,11 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from twin.gitrepo import GitRepo
 from twin.state import Node, World
@@ -203,6 +207,9 @@ class NodeLifecycle:
             server = self.servers.get(cluster)
             if server is not None and server.available != (bootstrapped and cp_up):
                 server.available = bootstrapped and cp_up
+                # Not a World change, but World.wait_for callers watch it: wake them to look again.
+                with self.world.cond:
+                    self.world.cond.notify_all()
             if not bootstrapped:
                 continue
             for n in nodes:
@@ -334,7 +341,7 @@ class Flux:
                 ref = ks["spec"].get("sourceRef") or {}
                 if ref.get("name") == name and (ref.get("namespace") or ks["metadata"]["namespace"]) == ns:
                     k = ("Kustomization", ks["metadata"]["namespace"], ks["metadata"]["name"])
-                    self.loop.call_soon(lambda k=k: self.begin(k, force=True))
+                    self.loop.call_soon(partial(self.begin, k, force=True))
         if kind == "Kustomization" and ok:
             for ks in self._kustomizations():
                 ready = get_condition(ks, "Ready") or {}
@@ -342,7 +349,7 @@ class Flux:
                         for d in ks["spec"].get("dependsOn") or []]
                 if (ns, name) in deps and ready.get("reason") == "DependencyNotReady":
                     k = ("Kustomization", ks["metadata"]["namespace"], ks["metadata"]["name"])
-                    self.loop.call_soon(lambda k=k: self.begin(k, force=True))
+                    self.loop.call_soon(partial(self.begin, k, force=True))
 
     def _kustomizations(self) -> list[dict[str, Any]]:
         return list(self.store.list(KS_API, "Kustomization"))
@@ -396,6 +403,124 @@ def artifact(namespace: str, name: str, revision: str) -> dict[str, Any]:
     return {"digest": f"sha256:{sha[:32]}{sha[:32]}", "lastUpdateTime": now_rfc3339(),
             "path": f"gitrepository/{namespace}/{name}/{sha}.tar.gz", "revision": revision, "size": 81234,
             "url": f"http://source-controller.flux-system.svc.cluster.local./gitrepository/{namespace}/{name}/{sha}.tar.gz"}
+
+
+# --- HelmReleases of the tree ----------------------------------------------------------------
+
+KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
+
+
+def helmreleases_at(repo_root: Path, path: str) -> list[dict[str, Any]]:
+    """The HelmReleases a Flux Kustomization with spec.path ``path`` applies, as kustomize builds them.
+
+    A directory with a kustomization.yaml contributes its resources (files and directories, followed
+    recursively), its patches merged into the HelmReleases they name, and its ``namespace`` set on
+    each; a directory without one contributes every YAML file under it, as kustomize-controller
+    generates it. Remote resources and anything that is not a HelmRelease are left out.
+    """
+    root = (repo_root / path.removeprefix("./")).resolve()
+    if not root.is_dir():
+        return []
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for obj in _kustomize(root, frozenset()):
+        if obj.get("kind") == "HelmRelease" and str(obj.get("apiVersion", "")).startswith("helm.toolkit.fluxcd.io/"):
+            meta = obj.get("metadata") or {}
+            found.setdefault((str(meta.get("namespace") or "default"), str(meta.get("name"))), obj)
+    return [found[k] for k in sorted(found)]
+
+
+def _yaml_docs(path: Path) -> list[dict[str, Any]]:
+    try:
+        return [d for d in yaml.safe_load_all(path.read_text()) if isinstance(d, dict)]
+    except (OSError, yaml.YAMLError):
+        return []  # an unreadable file is the tree checks' business, not the twin's
+
+
+def _kustomize(directory: Path, visiting: frozenset[Path]) -> list[dict[str, Any]]:
+    if directory in visiting:
+        return []
+    visiting = visiting | {directory}
+    kfile = next((directory / n for n in KUSTOMIZATION_FILES if (directory / n).is_file()), None)
+    if kfile is None:
+        objs: list[dict[str, Any]] = []
+        for f in sorted(directory.rglob("*")):
+            if f.suffix in (".yaml", ".yml") and f.is_file():
+                objs += _yaml_docs(f)
+        return objs
+    spec = next(iter(_yaml_docs(kfile)), {})
+    objs = []
+    for res in [*(spec.get("resources") or []), *(spec.get("bases") or [])]:
+        if not isinstance(res, str) or "://" in res:
+            continue
+        target = (directory / res).resolve()
+        if target.is_dir():
+            objs += _kustomize(target, visiting)
+        elif target.is_file():
+            objs += _yaml_docs(target)
+    for patch in [*(spec.get("patches") or []), *(spec.get("patchesStrategicMerge") or [])]:
+        file = patch.get("path") if isinstance(patch, dict) else patch
+        if not isinstance(file, str) or not (directory / file).is_file():
+            continue
+        for doc in _yaml_docs(directory / file):
+            for obj in objs:
+                if obj.get("kind") == doc.get("kind") and _name(obj) == _name(doc):
+                    _merge(obj, doc)
+    namespace = spec.get("namespace")
+    if namespace:
+        for obj in objs:
+            obj.setdefault("metadata", {})["namespace"] = namespace
+    return objs
+
+
+def _name(obj: dict[str, Any]) -> Any:
+    return (obj.get("metadata") or {}).get("name")
+
+
+def _merge(into: dict[str, Any], patch: dict[str, Any]) -> None:
+    for k, v in patch.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def helmrelease_object(hr: dict[str, Any], kustomization: tuple[str, str]) -> dict[str, Any]:
+    """A HelmRelease of the tree as helm-controller leaves it after a successful install, owned by
+    the Flux Kustomization (namespace, name) that applied it."""
+    import hashlib
+
+    meta = hr.get("metadata") or {}
+    ns, name = str(meta.get("namespace") or "default"), str(meta.get("name"))
+    spec = hr.get("spec") or {}
+    chart_spec = ((spec.get("chart") or {}).get("spec") or {})
+    chart = str(chart_spec.get("chart") or (spec.get("chartRef") or {}).get("name") or name)
+    # A range (">=2025.10.0") resolves to a release of the chart; its lower bound is one.
+    version = str(chart_spec.get("version") or "0.1.0").lstrip("<>=~^ ").split(",")[0].strip() or "0.1.0"
+    release = str(spec.get("releaseName") or (f"{spec['targetNamespace']}-{name}" if spec.get("targetNamespace")
+                                               else name))
+    release_ns = str(spec.get("targetNamespace") or spec.get("storageNamespace") or ns)
+    digest = "sha256:" + hashlib.sha256(repr(sorted((spec.get("values") or {}).items())).encode()).hexdigest()
+    stamp = now_rfc3339()
+    message = f"Helm install succeeded for release {release_ns}/{release}.v1 with chart {chart}@{version}"
+    labels = {**(meta.get("labels") or {}), "kustomize.toolkit.fluxcd.io/name": kustomization[1],
+              "kustomize.toolkit.fluxcd.io/namespace": kustomization[0]}
+    return {
+        "apiVersion": HELM_API, "kind": "HelmRelease",
+        "metadata": {"name": name, "namespace": ns, "labels": labels,
+                     **({"annotations": meta["annotations"]} if meta.get("annotations") else {})},
+        "spec": spec,
+        "status": {
+            "observedGeneration": 1, "lastAttemptedGeneration": 1, "lastAttemptedRevision": version,
+            "lastAttemptedConfigDigest": digest, "lastAttemptedReleaseAction": "install",
+            "helmChart": f"{chart_spec.get('sourceRef', {}).get('namespace') or ns}/{ns}-{name}",
+            "storageNamespace": release_ns,
+            "history": [{"name": release, "namespace": release_ns, "version": 1, "status": "deployed",
+                         "chartName": chart, "chartVersion": version, "configDigest": digest,
+                         "firstDeployed": stamp, "lastDeployed": stamp}],
+            "conditions": [condition("Ready", "True", "InstallSucceeded", message, 1),
+                           condition("Released", "True", "InstallSucceeded", message, 1)],
+        },
+    }
 
 
 # --- Rook ------------------------------------------------------------------------------------

@@ -18,12 +18,14 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from twin.state import ClusterState, Node, World, new_member_id
+from twin.talos_gen import apply_patches, load_patch, render_config, run_gen
 
 CLIENT_VERSION = "v1.11.5"
 GO_VERSION = "go1.24.9"
@@ -268,6 +270,8 @@ def _dispatch(inv: Invocation, argv: list[str]) -> Result:
         raise UsageError("a command is required")
     if cmd == "apply":
         cmd = "apply-config"
+    if cmd == "gen":  # local files only: needs neither a talosconfig nor a node
+        return run_gen(argv, str(inv.cwd))
     if cmd not in COMMAND_FLAGS:
         raise UsageError(f'unknown command "{cmd}" for "talosctl"')
     flags, pos = parse_args(rest, GLOBAL_FLAGS + COMMAND_FLAGS[cmd])
@@ -338,7 +342,7 @@ def cmd_version(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Resul
             if n is None:
                 errors.append((ip, err or ""))
                 continue
-            inv.out.append(json.dumps(_version_message(n), separators=(",", ":")) + "\n")
+            inv.out.append(json.dumps(_version_message(n, _proxied_as(inv, n, ip)), separators=(",", ":")) + "\n")
         if errors:
             inv.err.append(multierror("getting version", errors))
             return _done(inv, 1)
@@ -354,7 +358,7 @@ def cmd_version(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Resul
         if n is None:
             errors.append((ip, err or ""))
             continue
-        node_line = f"    NODE:        {ip}\n" if inv.node_column else ""
+        node_line = f"    NODE:        {ip}\n" if _proxied_as(inv, n, ip) else ""
         inv.out.append(f"{node_line}    Tag:         {n.talos_version}\n    SHA:         {sha_of(n.talos_version)}\n"
                        f"    Built:\n    Go version:  {GO_VERSION}\n    OS/Arch:     linux/amd64\n"
                        f"    Enabled:     RBAC\n")
@@ -364,10 +368,20 @@ def cmd_version(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Resul
     return _done(inv)
 
 
-def _version_message(n: Node) -> dict[str, Any]:
+def _proxied_as(inv: Invocation, n: Node, ip: str) -> str | None:
+    """The target apid names a reply by: the --nodes value as the client gave it (apid's proxy backend
+    appends metadata.hostname = its target). No name when nothing was proxied: no nodes given (the
+    endpoint answers itself) or the maintenance service, which has no apid in front of it."""
+    if not inv.node_column or n.phase == "maintenance":
+        return None
+    return ip
+
+
+def _version_message(n: Node, target: str | None) -> dict[str, Any]:
     platform = {"name": "metal", "mode": "metal"} if n.platform == "metal" else {"name": n.platform, "mode": "cloud"}
-    hostname = n.hostname if n.phase != "maintenance" else f"talos-{sha_of(n.ip)[:3]}-{sha_of(n.hostname)[:3]}"
-    return {"metadata": {"hostname": hostname},
+    # protojson leaves an unset message out: no "metadata" key unless apid proxied the call.
+    meta: dict[str, Any] = {"metadata": {"hostname": target}} if target else {}
+    return {**meta,
             "version": {"tag": n.talos_version, "sha": sha_of(n.talos_version), "built": BUILT,
                         "goVersion": GO_VERSION, "os": "linux", "arch": "amd64"},
             "platform": platform,
@@ -416,6 +430,10 @@ def reboot_node(world: World, n: Node, new_image: str | None, outcome: Outcome, 
             world.cond.notify_all()
 
 
+def _rebooted(n: Node, boot: str, outcome: Outcome) -> bool:
+    return outcome.done.is_set() and n.boot_id != boot and n.phase == "running"
+
+
 def _tracked_reboot(inv: Invocation, flags: dict[str, Any], action: str,
                     prepare: Callable[[Node], tuple[str | None, bool] | str]) -> Result:
     """Start a reboot on every node; with --wait follow it like talosctl's action tracker."""
@@ -434,8 +452,7 @@ def _tracked_reboot(inv: Invocation, flags: dict[str, Any], action: str,
         image, rollback = prep
         outcome = Outcome()
         boot = n.boot_id  # before the reboot starts: --wait tracks until it changed
-        world.spawn(lambda n=n, image=image, outcome=outcome, rollback=rollback:
-                    reboot_node(world, n, image, outcome, rollback=rollback), f"{action}-{n.hostname}")
+        world.spawn(partial(reboot_node, world, n, image, outcome, rollback=rollback), f"{action}-{n.hostname}")
         started.append((ip, n, boot, outcome))
     if errors and not started:
         inv.err.append(multierror(f"performing {action}", errors))
@@ -454,8 +471,7 @@ def _tracked_reboot(inv: Invocation, flags: dict[str, Any], action: str,
     deadline = time.monotonic() + flags.get("timeout", 1800.0)
     for ip, n, boot, outcome in started:
         inv.err.append(f"    * {ip}: task: {action} action: START\n    * {ip}: unavailable, retrying...\n")
-        ok = world.wait_for(lambda n=n, boot=boot, outcome=outcome: outcome.done.is_set() and n.boot_id != boot
-                            and n.phase == "running", max(0.0, deadline - time.monotonic()))
+        ok = world.wait_for(partial(_rebooted, n, boot, outcome), max(0.0, deadline - time.monotonic()))
         if not ok:
             errors.append((ip, "context deadline exceeded" if not world.stopping else "the simulated homelab stopped"))
         elif outcome.error:
@@ -783,7 +799,7 @@ def cmd_get(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Result:
                        f'desc = resource "{pos[0]}" is not registered\n\n')
         return _done(inv, 1)
     errors = []
-    objs = []
+    objs: list[dict[str, Any]] = []
     for ip in inv.nodes:
         n, err = _reach(inv, ip, flags["insecure"])
         if n is None:
@@ -839,6 +855,10 @@ def cmd_apply_config(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> 
     except OSError as e:
         inv.err.append(f"error: failed to read configuration from {flags['file']!r}: {e.strerror or e}\n")
         return _done(inv, 1)
+    if flags["config-patch"]:  # as talosctl does: patches are applied to the file before it is sent
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = apply_patches(docs, [load_patch(p, str(inv.cwd)) for p in flags["config-patch"]])
+        text = render_config(docs, with_docs=False, with_examples=False)
     facts = _machine_facts(text)
     world = inv.world
     errors = []
@@ -865,13 +885,12 @@ def cmd_apply_config(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> 
             world.update(n, machine_config=text, phase="installing")
             image = facts["image"] or n.installer_image
             kubelet = tag_of(facts["kubelet"]) if facts["kubelet"] else n.kubelet_version
-            world.spawn(lambda n=n, image=image, kubelet=kubelet: _install(world, n, image, kubelet),
-                        f"install-{n.hostname}")
+            world.spawn(partial(_install, world, n, image, kubelet), f"install-{n.hostname}")
             continue
         world.update(n, machine_config=text)
         inv.out.append(details + "\n")
         if mode == "reboot":
-            world.spawn(lambda n=n: reboot_node(world, n, None, Outcome()), f"reboot-{n.hostname}")
+            world.spawn(partial(reboot_node, world, n, None, Outcome()), f"reboot-{n.hostname}")
     if errors:
         inv.err.append(multierror("applying new configuration", errors))
         return _done(inv, 1)

@@ -75,3 +75,27 @@ def test_provision_plan_on_twin_touches_nothing(prefect_api_url: str) -> None:
 def test_validate_through_the_installed_command_line() -> None:
     out = homelab("validate", "k8s", api_url=None, timeout=60)
     assert out.returncode == 0 and "valid" in out.stdout
+
+
+def test_upgrade_talos_dry_run_plans_every_node_and_touches_nothing(prefect_api_url: str) -> None:
+    out = homelab("upgrade", "talos", "--twin", "--dry-run", "--json", api_url=prefect_api_url)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = last_json(out.stdout)
+    assert result["status"] == "planned" and result["target_version"] == "v1.11.5"
+    assert [(n["name"], n["from"], n["action"]) for n in result["nodes"]] == [
+        ("m720q-1", "v1.11.4", "would-upgrade"), ("m720q-2", "v1.11.4", "would-upgrade"),
+        ("m720q-3", "v1.11.4", "would-upgrade")]
+    assert result["noout"] == "untouched" and result["etcd_snapshot"] is None
+
+
+def test_upgrade_of_an_unknown_cluster_is_bad_configuration(prefect_api_url: str) -> None:
+    out = homelab("upgrade", "talos", "--twin", "--cluster", "nope", "--dry-run", "--json", api_url=prefect_api_url)
+    assert out.returncode == 2, out.stdout[-1000:] + out.stderr[-2000:]
+    assert "no cluster named 'nope'" in out.stderr
+
+
+def test_upgrade_refuses_a_downgrade_and_exits_one(prefect_api_url: str) -> None:
+    out = homelab("upgrade", "talos", "--twin", "--to", "v1.10.9", "--yes", "--json", api_url=prefect_api_url)
+    assert out.returncode == 1
+    result = last_json(out.stdout)
+    assert result["status"] == "failed" and "downgrade" in result["error"]

@@ -30,35 +30,24 @@ pytestmark = [pytest.mark.integration,
 ROOT = Path(__file__).resolve().parents[2]
 FAST = Deadlines(proxmox_task_seconds=30, talos_api_seconds=30, health_seconds=30, approval_seconds=30)
 
-# Stands in for `talosctl gen secrets` / `gen config` while the twin's talosctl lacks them; every other
-# command goes to the twin's own talosctl. Output shaped as talosctl v1.11 writes it.
+# Until the twin's talosctl dispatches `gen` itself, this wrapper runs `gen secrets` / `gen config`
+# through the same implementation (twin.talos_gen) and hands every other command to the twin's talosctl.
+# talosctl_for() stops using it as soon as `talosctl gen config --help` succeeds on the twin.
 GEN_WRAPPER = '''\
-import os, sys, yaml
+import os, sys
+sys.path.insert(0, {root!r})
 REAL = {real!r}
 args = sys.argv[1:]
-rest, i = [], 0
-while i < len(args):
-    if args[i] in ("--talosconfig", "--context"):
-        i += 2
-        continue
-    rest.append(args[i]); i += 1
-if rest[:1] != ["gen"]:
+i = 0
+while i < len(args) and args[i].startswith("-"):
+    i += 2 if args[i] in ("--talosconfig", "--context", "--nodes", "-n", "--endpoints", "-e", "--cluster") else 1
+if args[i:i + 1] != ["gen"]:
     os.execv(REAL, [REAL] + args)
-def opt(name, default=None):
-    return rest[rest.index(name) + 1] if name in rest else default
-if rest[1] == "secrets":
-    open(opt("--output-file", "secrets.yaml"), "w").write(yaml.safe_dump({{"cluster": {{"id": "x", "secret": "y"}}}}))
-    sys.exit(0)
-name, endpoint = rest[2], rest[3]
-out = opt("--output", ".")
-k8s = opt("--kubernetes-version")
-for role in ("controlplane", "worker"):
-    doc = {{"version": "v1alpha1", "machine": {{"type": role, "install": {{"disk": "/dev/sda", "image": opt("--install-image")}},
-           "kubelet": {{"image": "ghcr.io/siderolabs/kubelet:v" + k8s}}}},
-           "cluster": {{"clusterName": name, "controlPlane": {{"endpoint": endpoint}}}}}}
-    open(os.path.join(out, role + ".yaml"), "w").write(yaml.safe_dump(doc))
-open(os.path.join(out, "talosconfig"), "w").write(yaml.safe_dump(
-    {{"context": name, "contexts": {{name: {{"endpoints": ["127.0.0.1"], "ca": "Y2E=", "crt": "Y3J0", "key": "a2V5"}}}}}}))
+from twin.talos_gen import run_gen
+out, err, code = run_gen(args, os.getcwd())
+sys.stdout.write(out)
+sys.stderr.write(err)
+sys.exit(code)
 '''
 
 
@@ -97,7 +86,7 @@ def talosctl_for(sim: Any, tmp: Path) -> str:
     if probe.returncode == 0:
         return real
     wrapper = tmp / "talosctl-gen"
-    wrapper.write_text(f"#!{sys.executable}\n" + GEN_WRAPPER.format(real=real))
+    wrapper.write_text(f"#!{sys.executable}\n" + GEN_WRAPPER.format(root=str(ROOT), real=real))
     wrapper.chmod(0o755)
     return str(wrapper)
 

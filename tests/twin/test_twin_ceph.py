@@ -83,8 +83,23 @@ def test_ls_tree_lists_a_hosts_osd_ids_and_health_detail_has_checks():
     c.node_down("m720q-3")
     detail = json.loads(c.run(["health", "detail", "-f", "json"])[0])
     assert set(detail) == {"status", "checks", "mutes"} and detail["checks"]["OSD_DOWN"]["detail"]
-    assert json.loads(c.run(["pg", "stat", "-f", "json"])[0])["num_pgs"] == 65
     assert json.loads(c.run(["osd", "stat", "-f", "json"])[0])["num_up_osds"] == 2
+
+
+def test_pg_stat_prints_the_pacific_shape_with_degraded_objects():
+    from homelab.ceph_gate import parse_pg_stat
+
+    c = sim()
+    clean = c.run(["pg", "stat", "-f", "json"])[0]
+    # Ceph 16.2.15 frames this one JSON object with a leading newline and a bare closing brace.
+    assert clean.startswith('\n{"pg_ready":true,"pg_summary":{"num_pg_by_state":[') and clean.endswith("}\n}")
+    assert json.loads(clean)["pg_summary"]["num_pg_by_state"] == [{"name": "active+clean", "num": 65}]
+    c.node_down("m720q-3")
+    summary = json.loads(c.run(["pg", "stat", "-f", "json"])[0])["pg_summary"]
+    assert summary["degraded_objects"] * 3 == summary["degraded_total"]
+    assert not parse_pg_stat(c.run(["pg", "stat", "-f", "json"])[0]).all_clean
+    text = c.run(["pg", "stat"])[0]
+    assert text.startswith("65 pgs: 65 active+undersized+degraded; ") and "objects degraded (33.333%)" in text
 
 
 def test_unknown_host_is_a_clear_error():

@@ -157,3 +157,37 @@ def test_homelab_api_is_unavailable_until_bootstrap_and_serves_nodes_when_synced
     assert names == ["homelab-cp-1", "homelab-worker-1"]
     m = client.CoreV1Api(api(t)).list_node().items[0]
     assert m.status.node_info.os_image == "Talos (v1.11.5)"
+
+
+def test_helmreleases_of_each_kustomization_path_are_seeded_ready(twin):
+    t = twin()
+    hrs = client.CustomObjectsApi(api(t)).list_cluster_custom_object("helm.toolkit.fluxcd.io", "v2",
+                                                                      "helmreleases")["items"]
+    by_name = {(h["metadata"]["namespace"], h["metadata"]["name"]): h for h in hrs}
+    # Base HelmReleases reached through an overlay's kustomization.yaml resources, and a plain directory.
+    assert {("kube-system", "cilium"), ("rook-ceph", "rook-ceph"), ("rook-ceph", "rook-ceph-cluster"),
+            ("prefect", "prefect-worker")} <= set(by_name)
+    cilium = by_name[("kube-system", "cilium")]
+    assert ready(cilium)["status"] == "True"
+    assert cilium["status"]["history"][0]["chartVersion"] == cilium["spec"]["chart"]["spec"]["version"]
+    assert cilium["metadata"]["labels"]["kustomize.toolkit.fluxcd.io/name"] == "infrastructure-core"
+
+
+def test_helmreleases_take_the_overlay_namespace_and_its_patches(tmp_path):
+    from twin.controllers import helmreleases_at
+
+    base, overlay = tmp_path / "app" / "base", tmp_path / "app" / "overlay"
+    base.mkdir(parents=True)
+    overlay.mkdir()
+    (base / "kustomization.yaml").write_text("resources:\n  - hr.yaml\n")
+    (base / "hr.yaml").write_text("apiVersion: helm.toolkit.fluxcd.io/v2\nkind: HelmRelease\n"
+                                  "metadata:\n  name: web\nspec:\n  chart:\n    spec:\n      version: 1.0.0\n"
+                                  "---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: not-a-release\n")
+    (overlay / "kustomization.yaml").write_text("namespace: web\nresources:\n  - ../base\n"
+                                                "patches:\n  - path: patch.yaml\n")
+    (overlay / "patch.yaml").write_text("apiVersion: helm.toolkit.fluxcd.io/v2\nkind: HelmRelease\n"
+                                        "metadata:\n  name: web\nspec:\n  chart:\n    spec:\n      version: 2.0.0\n")
+    [hr] = helmreleases_at(tmp_path, "./app/overlay")
+    assert hr["metadata"] == {"name": "web", "namespace": "web"}
+    assert hr["spec"]["chart"]["spec"]["version"] == "2.0.0"
+    assert helmreleases_at(tmp_path, "./app/missing") == []

@@ -25,7 +25,8 @@ def test_version_json_prints_one_protojson_line_per_node(twin):
     lines = out.splitlines()
     assert len(lines) == 2
     first = json.loads(lines[0])
-    assert first["metadata"]["hostname"] == "m720q-1"
+    # apid names each proxied reply by its target, the --nodes value as given.
+    assert [json.loads(x)["metadata"]["hostname"] for x in lines] == [M1, M2]
     assert first["version"]["tag"] == "v1.11.4"
     assert set(first["version"]) == {"tag", "sha", "built", "goVersion", "os", "arch"}
 
@@ -33,7 +34,13 @@ def test_version_json_prints_one_protojson_line_per_node(twin):
 def test_nodes_default_to_the_talosconfig_context(twin):
     t = twin()
     out, _, code = tctl(t, "version", "--json")
-    assert code == 0 and json.loads(out)["metadata"]["hostname"] == "m720q-1"
+    assert code == 0 and json.loads(out)["metadata"]["hostname"] == M1
+
+
+def test_version_names_a_node_by_hostname_when_addressed_by_hostname(twin):
+    t = twin()
+    out, _, code = tctl(t, "-n", "m720q-2", "version", "--json")
+    assert code == 0 and json.loads(out)["metadata"]["hostname"] == "m720q-2"
 
 
 def test_unknown_flag_is_a_usage_error(twin):
@@ -221,6 +228,7 @@ def test_provisioning_a_vm_from_maintenance_mode_to_a_bootstrapped_cluster(twin,
     assert code == 1 and "certificate signed by unknown authority" in err
     out, err, code = tctl(t, "-n", cp.ip, "version", "--json", "--insecure")
     assert code == 0, err
+    assert "metadata" not in json.loads(out), "the maintenance service has no apid to name the reply"
     cfg = tmp_path / "cp.yaml"
     cfg.write_text("machine:\n  type: controlplane\n  install:\n    image: factory.talos.dev/installer/abc:v1.11.5\n")
     out, err, code = tctl(t, "-n", cp.ip, "apply-config", "--insecure", "--file", str(cfg))

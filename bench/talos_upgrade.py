@@ -1,0 +1,172 @@
+"""Talos rolling-upgrade benchmark; prints one JSON line
+{"nodes", "physical_s", "wall_s", "overhead_per_node_s", "gate_reaction_s_p50", "baseline_wall_s"}.
+
+wall_s: the talos-upgrade flow function's first line to its return (TIMELINE marks), with a Prefect
+server already running (PREFECT_API_URL, else a temporary one started before the clock runs).
+physical_s: the simulated homelab's own time, nodes x (reboot_seconds + recovery_seconds).
+gate_reaction_s_p50: from the moment the twin makes a gate's condition true (a node Ready again, Ceph
+clean again) to the start of the flow's next step, over the gates the flow was waiting on.
+baseline_wall_s: on a fresh twin in the same state, what users do today:
+`talosctl upgrade --wait` per node, then `until ceph health | grep HEALTH_OK; do sleep 10; done`.
+
+    .venv/bin/python bench/talos_upgrade.py [--reboot-seconds 1.0] [--recovery-seconds 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+BASELINE = """set -eu
+for spec in "$@"; do
+  ip="${spec%%=*}"; image="${spec#*=}"
+  talosctl --talosconfig "$TALOSCONFIG" --context m720q upgrade --nodes "$ip" --image "$image" --wait >/dev/null 2>&1
+  until ceph health | grep -q HEALTH_OK; do sleep 10; done
+done
+"""
+
+
+@contextlib.contextmanager
+def prefect_server() -> Iterator[None]:
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+class Conditions:
+    """When the twin made each gate condition true: node Ready again, Ceph clean again."""
+
+    def __init__(self, t: Any, cluster: str):
+        self.t, self.cluster = t, cluster
+        self.ready_at: list[tuple[float, str]] = []
+        self.clean_at: list[float] = []
+        self._ready: dict[str, bool] = {}
+        self._clean = True
+        self._lock = threading.Lock()
+        t.world.subscribe(self._world)
+        t.ceph.subscribe(self._ceph)
+
+    def _world(self) -> None:
+        now = time.monotonic()
+        for h, n in self.t.world.clusters[self.cluster].nodes.items():
+            up = n.phase == "running" and n.ready
+            if up and self._ready.get(h) is False:
+                self.ready_at.append((now, h))
+            self._ready[h] = up
+
+    def _ceph(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            clean = self.t.ceph.clean()
+            if clean and not self._clean:
+                self.clean_at.append(now)
+            self._clean = clean
+
+
+def reactions(timeline: list[tuple[float, str, str]], cond: Conditions) -> list[float]:
+    """Condition true -> the flow's next step, for the conditions the flow was waiting on."""
+    out = []
+    steps = [(t, node, step) for t, node, step in timeline if node != "(flow)"]
+    for at, host in cond.ready_at:
+        # The flow waits for the node inside `upgrade` (talosctl --wait) and `wait-ready`.
+        before = [s for s in steps if s[0] <= at]
+        after = [s for s in steps if s[0] > at]
+        if before and after and before[-1][1] == host and before[-1][2] in ("upgrade", "verify-version", "wait-ready"):
+            out.append(after[0][0] - at)
+    for at in cond.clean_at:
+        before = [s for s in steps if s[0] <= at]
+        after = [s for s in steps if s[0] > at]
+        if before and after and before[-1][2] in ("ceph-clean", "osds-up", "unset-noout"):
+            out.append(after[0][0] - at)
+    return out
+
+
+def run_flow(knobs: dict[str, float], workdir: Path) -> dict[str, Any]:
+    from flows import talos_upgrade as tu
+    from twin import Knobs, Twin
+    from twin.register import homelab_block
+
+    with Twin(REPO / "k8s", workdir / "flow", knobs=Knobs(**knobs)) as t:
+        name = f"bench-{uuid.uuid4().hex[:8]}"
+        homelab_block(t).save(name, overwrite=True)
+        cond = Conditions(t, "m720q")
+        tu.TIMELINE.clear()
+        state = tu.talos_upgrade(homelab=name, require_approval=False, snapshot_dir=str(workdir / "snap"),
+                                 return_state=True)
+        res = tu.state_result(state)
+        if res["status"] != "completed":
+            raise SystemExit(f"the flow did not complete: {res['error']}")
+        marks = {step: at for at, node, step in tu.TIMELINE if node == "(flow)"}
+        wall = marks["end"] - marks["start"]
+        nodes = sum(1 for n in res["nodes"] if n["action"] == "upgraded")
+        reacts = reactions(list(tu.TIMELINE), cond)
+        return {"nodes": nodes, "wall_s": wall, "reactions": reacts,
+                "max_concurrent": t.record.max_concurrent("m720q")}
+
+
+def run_baseline(knobs: dict[str, float], workdir: Path) -> float:
+    from flows.talos_upgrade import load_target, observe_versions
+    from homelab.upgrade import plan_talos_upgrade
+    from tasks.connect import Clients
+    from tasks.talos import Talosctl
+    from twin import Knobs, Twin
+
+    with Twin(REPO / "k8s", workdir / "baseline", knobs=Knobs(**knobs)) as t:
+        target = load_target(REPO / "k8s", "m720q")
+        talos = Talosctl(str(t.bin_dir / "talosctl"), t.talosconfig, "m720q")
+        observed = observe_versions(Clients("m720q", None, talos, None, REPO / "k8s"), target)  # type: ignore[arg-type]
+        plan = plan_talos_upgrade(target.config, observed)
+        specs = [f"{s.ip}={s.image}" for s in plan.to_upgrade]
+        script = workdir / "baseline.sh"
+        script.write_text(BASELINE)
+        t0 = time.monotonic()
+        subprocess.run(["bash", str(script), *specs], env=t.subprocess_env(), check=True, timeout=600)
+        return time.monotonic() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reboot-seconds", type=float, default=1.0)
+    ap.add_argument("--recovery-seconds", type=float, default=0.5)
+    ap.add_argument("--no-baseline", action="store_true", help="skip the baseline script (it sleeps 10 s a node)")
+    args = ap.parse_args()
+    knobs = {"reboot_seconds": args.reboot_seconds, "recovery_seconds": args.recovery_seconds}
+    with tempfile.TemporaryDirectory(prefix="bench-talos-") as tmp, prefect_server():
+        work = Path(tmp)
+        flow = run_flow(knobs, work)
+        baseline = None if args.no_baseline else run_baseline(knobs, work)
+    nodes = flow["nodes"]
+    physical = nodes * (args.reboot_seconds + args.recovery_seconds)
+    print(json.dumps({
+        "nodes": nodes,
+        "physical_s": round(physical, 3),
+        "wall_s": round(flow["wall_s"], 3),
+        "overhead_per_node_s": round((flow["wall_s"] - physical) / nodes, 3),
+        "gate_reaction_s_p50": round(statistics.median(flow["reactions"]), 3) if flow["reactions"] else None,
+        "baseline_wall_s": None if baseline is None else round(baseline, 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()
