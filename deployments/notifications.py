@@ -19,6 +19,7 @@ from typing import Any
 from uuid import UUID
 
 from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas.objects import BlockDocument
 from prefect.events.actions import SendNotification
 from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 from prefect.exceptions import ObjectNotFound
@@ -75,36 +76,35 @@ class Change:
         return f"{self.kind} {self.name}: {self.action}{f' ({self.detail})' if self.detail else ''}"
 
 
+def _disruptive_run_automation(block_document_id: UUID, name: str, description: str, event: str,
+                               subject: str, body: str) -> AutomationCore:
+    """An automation that notifies when a run of a disruptive flow emits `event`."""
+    return AutomationCore(
+        name=name,
+        description=description,
+        trigger=EventTrigger(
+            expect={event},
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match_related={  # type: ignore[arg-type]
+                "prefect.resource.role": "flow", "prefect.resource.name": list(DISRUPTIVE_FLOWS)},
+            posture=Posture.Reactive,
+            threshold=1,
+        ),
+        actions=[SendNotification(block_document_id=block_document_id, subject=subject, body=body)],
+    )
+
+
 def declared_automations(block_document_id: UUID) -> list[AutomationCore]:
     """The three automations, all sending through the notification block with that id."""
-    disruptive_flow = {"prefect.resource.role": "flow", "prefect.resource.name": list(DISRUPTIVE_FLOWS)}
     return [
-        AutomationCore(
-            name=APPROVAL,
-            description="Tells the operator that a disruptive run waits for approval, with the link and the command.",
-            trigger=EventTrigger(
-                expect={"prefect.flow-run.Paused"},
-                match={"prefect.resource.id": "prefect.flow-run.*"},
-                match_related=disruptive_flow,  # type: ignore[arg-type]
-                posture=Posture.Reactive,
-                threshold=1,
-            ),
-            actions=[SendNotification(block_document_id=block_document_id,
-                                      subject="homelab: {{ flow.name }} waits for approval", body=_APPROVAL_BODY)],
-        ),
-        AutomationCore(
-            name=FAILURE,
-            description="Tells the operator that a disruptive run failed, with its error line.",
-            trigger=EventTrigger(
-                expect={"prefect.flow-run.Failed"},
-                match={"prefect.resource.id": "prefect.flow-run.*"},
-                match_related=disruptive_flow,  # type: ignore[arg-type]
-                posture=Posture.Reactive,
-                threshold=1,
-            ),
-            actions=[SendNotification(block_document_id=block_document_id,
-                                      subject="homelab: {{ flow.name }} failed", body=_FAILURE_BODY)],
-        ),
+        _disruptive_run_automation(
+            block_document_id, APPROVAL,
+            "Tells the operator that a disruptive run waits for approval, with the link and the command.",
+            "prefect.flow-run.Paused", "homelab: {{ flow.name }} waits for approval", _APPROVAL_BODY),
+        _disruptive_run_automation(
+            block_document_id, FAILURE,
+            "Tells the operator that a disruptive run failed, with its error line.",
+            "prefect.flow-run.Failed", "homelab: {{ flow.name }} failed", _FAILURE_BODY),
         AutomationCore(
             name=DRIFT,
             description="Tells the operator that the drift check found differences, with the counts.",
@@ -127,6 +127,10 @@ def _comparable(a: AutomationCore) -> dict[str, Any]:
     return dict(strip(dumped))
 
 
+def _block_ref(doc: BlockDocument) -> str:
+    return f"{doc.block_type.slug if doc.block_type else '?'}/{doc.name}"
+
+
 async def resolve_notification_block(client: PrefectClient, ref: str) -> UUID:
     """The id of the notification block named `ref`: `<block-type-slug>/<name>`, or a bare name when only one
     notification block has it."""
@@ -145,12 +149,12 @@ async def resolve_notification_block(client: PrefectClient, ref: str) -> UUID:
     notifying = [d for d in candidates
                  if d.block_schema is not None and "notify" in (d.block_schema.capabilities or [])]
     if not notifying:
-        seen = ", ".join(f"{d.block_type.slug if d.block_type else '?'}/{d.name}" for d in candidates) or "none"
+        seen = ", ".join(_block_ref(d) for d in candidates) or "none"
         raise NotificationSetupError(
             f"notification block {ref!r}: expected a block that can notify (Slack, Discord, Apprise/ntfy, email, "
             f"custom webhook), found {seen}; create one, then run `homelab setup --notify <type-slug>/<name>`")
     if len(notifying) > 1:
-        names = ", ".join(f"{d.block_type.slug if d.block_type else '?'}/{d.name}" for d in notifying)
+        names = ", ".join(_block_ref(d) for d in notifying)
         raise NotificationSetupError(
             f"notification block {ref!r}: several notification blocks have that name ({names}); "
             f"name one as <type-slug>/<name>")

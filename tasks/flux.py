@@ -28,6 +28,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from tasks import kube as kubeapi
+from tasks.kube import condition
 
 REQUESTED_AT = "reconcile.fluxcd.io/requestedAt"
 
@@ -97,13 +98,6 @@ def rfc3339_nano(ns_since_epoch: int) -> str:
     base = datetime.fromtimestamp(secs, UTC).strftime("%Y-%m-%dT%H:%M:%S")
     frac = f"{nanos:09d}".rstrip("0")
     return f"{base}.{frac}Z" if frac else f"{base}Z"
-
-
-def condition(obj: Mapping[str, Any], ctype: str) -> dict[str, Any] | None:
-    for c in (obj.get("status") or {}).get("conditions") or []:
-        if isinstance(c, Mapping) and c.get("type") == ctype:
-            return dict(c)
-    return None
 
 
 def _true(obj: Mapping[str, Any], ctype: str) -> bool:

@@ -76,9 +76,10 @@ class KubeTimeout(KubeError):
 
 
 def condition(obj: Mapping[str, Any], ctype: str) -> dict[str, Any] | None:
+    """A copy of the status condition of that type; None when there is none."""
     for c in (obj.get("status") or {}).get("conditions") or []:
-        if c.get("type") == ctype:
-            return c
+        if isinstance(c, Mapping) and c.get("type") == ctype:
+            return dict(c)
     return None
 
 

@@ -515,8 +515,7 @@ class KubeStore:
 
     def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         with self._lock:
-            rt = self.kind(api_version, kind)
-            entry = self._objects[(api_version, kind)].get(self._key(rt, namespace, name))
+            _, _, entry = self._find(api_version, kind, namespace, name)
             raw = entry.raw if entry else None
         return json.loads(raw) if raw is not None else None
 
@@ -607,9 +606,7 @@ class KubeStore:
               subresource: str | None = None) -> dict[str, Any]:
         """Patch with `merge`, `json` or `strategic`; a resourceVersion in the patch must match."""
         with self._lock:
-            rt = self.kind(api_version, kind)
-            key = self._key(rt, namespace, name)
-            cur = self._objects[(api_version, kind)].get(key)
+            rt, key, cur = self._find(api_version, kind, namespace, name)
             if cur is None:
                 raise _not_found(rt, name)
             base = json.loads(cur.raw)
@@ -644,9 +641,7 @@ class KubeStore:
                fn: Callable[[dict[str, Any]], None], subresource: str | None = None) -> dict[str, Any] | None:
         """Read-modify-write under the store lock; None when the object does not exist."""
         with self._lock:
-            rt = self.kind(api_version, kind)
-            key = self._key(rt, namespace, name)
-            cur = self._objects[(api_version, kind)].get(key)
+            rt, key, cur = self._find(api_version, kind, namespace, name)
             if cur is None:
                 return None
             new = json.loads(cur.raw)
@@ -658,9 +653,7 @@ class KubeStore:
     def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
         """Delete; an object with finalizers only gets a deletionTimestamp until they are removed."""
         with self._lock:
-            rt = self.kind(api_version, kind)
-            key = self._key(rt, namespace, name)
-            cur = self._objects[(api_version, kind)].get(key)
+            rt, key, cur = self._find(api_version, kind, namespace, name)
             if cur is None:
                 return None
             if cur.obj["metadata"].get("finalizers"):
@@ -691,6 +684,13 @@ class KubeStore:
     @staticmethod
     def _key(rt: ResourceType, namespace: str | None, name: str) -> Key:
         return ((namespace or "default") if rt.namespaced else "", name)
+
+    def _find(self, api_version: str, kind: str, namespace: str | None,
+              name: str) -> tuple[ResourceType, Key, _Entry | None]:
+        """The object's type, its key in the store and its entry (None when absent); under the store lock."""
+        rt = self.kind(api_version, kind)
+        key = self._key(rt, namespace, name)
+        return rt, key, self._objects[(api_version, kind)].get(key)
 
     def _update(self, rt: ResourceType, key: Key, cur: _Entry, new: dict[str, Any],
                 subresource: str | None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -331,41 +331,54 @@ def _done(inv: Invocation, code: int = 0) -> Result:
     return "".join(inv.out), "".join(inv.err), code
 
 
+def _finish(inv: Invocation, action: str, errors: list[tuple[str, str]]) -> Result:
+    """talosctl's end of a multi-node command: the collected node errors, if any, fail it."""
+    if errors:
+        inv.err.append(multierror(action, errors))
+        return _done(inv, 1)
+    return _done(inv)
+
+
+def _reachable(inv: Invocation, errors: list[tuple[str, str]], insecure: bool = False) -> Iterator[tuple[str, Node]]:
+    """Each target node whose Talos API answers, in order; an unreachable one's error joins `errors`
+    where talosctl collects it (between the errors of the nodes before and after it)."""
+    for ip in inv.nodes:
+        n, err = _reach(inv, ip, insecure)
+        if n is None:
+            errors.append((ip, err or ""))
+            continue
+        yield ip, n
+
+
+def _first_node(inv: Invocation, failure: str) -> Node | None:
+    """The first target node, or None after writing `<failure>: <why>` as talosctl does."""
+    n, err = _reach(inv, inv.nodes[0])
+    if n is None:
+        inv.err.append(f"{failure}: {err}\n")
+    return n
+
+
 # --- version ---------------------------------------------------------------------------------
 
 
 def cmd_version(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Result:
     if flags["json"]:
-        errors = []
-        for ip in inv.nodes:
-            n, err = _reach(inv, ip, flags["insecure"])
-            if n is None:
-                errors.append((ip, err or ""))
-                continue
+        errors: list[tuple[str, str]] = []
+        for ip, n in _reachable(inv, errors, flags["insecure"]):
             inv.out.append(json.dumps(_version_message(n, _proxied_as(inv, n, ip)), separators=(",", ":")) + "\n")
-        if errors:
-            inv.err.append(multierror("getting version", errors))
-            return _done(inv, 1)
-        return _done(inv)
+        return _finish(inv, "getting version", errors)
     inv.out.append(f"Client:\n    Tag:         {CLIENT_VERSION}\n    SHA:         {sha_of(CLIENT_VERSION)}\n"
                    f"    Built:\n    Go version:  {GO_VERSION}\n    OS/Arch:     linux/amd64\n")
     if flags["client"]:
         return _done(inv)
     inv.out.append("Server:\n")
     errors = []
-    for ip in inv.nodes:
-        n, err = _reach(inv, ip, flags["insecure"])
-        if n is None:
-            errors.append((ip, err or ""))
-            continue
+    for ip, n in _reachable(inv, errors, flags["insecure"]):
         node_line = f"    NODE:        {ip}\n" if _proxied_as(inv, n, ip) else ""
         inv.out.append(f"{node_line}    Tag:         {n.talos_version}\n    SHA:         {sha_of(n.talos_version)}\n"
                        f"    Built:\n    Go version:  {GO_VERSION}\n    OS/Arch:     linux/amd64\n"
                        f"    Enabled:     RBAC\n")
-    if errors:
-        inv.err.append(multierror("getting version", errors))
-        return _done(inv, 1)
-    return _done(inv)
+    return _finish(inv, "getting version", errors)
 
 
 def _proxied_as(inv: Invocation, n: Node, ip: str) -> str | None:
@@ -440,11 +453,7 @@ def _tracked_reboot(inv: Invocation, flags: dict[str, Any], action: str,
     world = inv.world
     started: list[tuple[str, Node, str, Outcome]] = []
     errors: list[tuple[str, str]] = []
-    for ip in inv.nodes:
-        n, err = _reach(inv, ip, flags.get("insecure", False))
-        if n is None:
-            errors.append((ip, err or ""))
-            continue
+    for ip, n in _reachable(inv, errors, flags.get("insecure", False)):
         prep = prepare(n)
         if isinstance(prep, str):
             errors.append((ip, prep))
@@ -463,10 +472,7 @@ def _tracked_reboot(inv: Invocation, flags: dict[str, Any], action: str,
                "reboot": "Reboot request received"}[action]
         rows = [["NODE", "ACK", "STARTED"]] + [[ip, ack, now] for ip, *_ in started]
         inv.out.append(table(rows))
-        if errors:
-            inv.err.append(multierror(f"performing {action}", errors))
-            return _done(inv, 1)
-        return _done(inv)
+        return _finish(inv, f"performing {action}", errors)
     inv.err.append(f"watching nodes: [{' '.join(ip for ip, *_ in started)}]\n")
     deadline = time.monotonic() + flags.get("timeout", 1800.0)
     for ip, n, boot, outcome in started:
@@ -478,10 +484,7 @@ def _tracked_reboot(inv: Invocation, flags: dict[str, Any], action: str,
             errors.append((ip, outcome.error))
         else:
             inv.err.append(f"    * {ip}: events check condition met\n    * {ip}: post check passed\n")
-    if errors:
-        inv.err.append(multierror(f"performing {action}", errors))
-        return _done(inv, 1)
-    return _done(inv)
+    return _finish(inv, f"performing {action}", errors)
 
 
 def etcd_upgrade_check(world: World, n: Node) -> str | None:
@@ -518,23 +521,16 @@ def cmd_upgrade(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Resul
         return img, False
 
     if flags["stage"]:
-        errors = []
-        for ip in inv.nodes:
-            n, err = _reach(inv, ip)
-            if n is None:
-                errors.append((ip, err or ""))
+        errors: list[tuple[str, str]] = []
+        for ip, n in _reachable(inv, errors):
+            prep = prepare(n)
+            if isinstance(prep, str):
+                errors.append((ip, prep))
                 continue
-            refusal = None if flags["force"] else etcd_upgrade_check(world, n)
-            if refusal:
-                errors.append((ip, refusal))
-                continue
-            world.update(n, staged_image=image or f"ghcr.io/siderolabs/installer:{CLIENT_VERSION}")
+            world.update(n, staged_image=prep[0])
             inv.out.append(table([["NODE", "ACK", "STARTED"],
                                   [ip, "Upgrade request received", datetime.now(UTC).isoformat()]]))
-        if errors:
-            inv.err.append(multierror("performing upgrade", errors))
-            return _done(inv, 1)
-        return _done(inv)
+        return _finish(inv, "performing upgrade", errors)
     return _tracked_reboot(inv, flags, "upgrade", prepare)
 
 
@@ -568,9 +564,8 @@ def _kv(text: str) -> tuple[int, int, int]:
 
 def cmd_upgrade_k8s(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Result:
     world = inv.world
-    n, err = _reach(inv, inv.nodes[0])
+    n = _first_node(inv, "error upgrading Kubernetes")
     if n is None:
-        inv.err.append(f"error upgrading Kubernetes: {err}\n")
         return _done(inv, 1)
     cluster = world.clusters[n.cluster]
     with world.lock:
@@ -629,6 +624,9 @@ def cmd_upgrade_k8s(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> R
 # --- etcd ------------------------------------------------------------------------------------
 
 
+ETCD_NOT_RUNNING = "rpc error: code = Unknown desc = etcd is not running on this node"
+
+
 def _member_row(m: Node) -> list[str]:
     return [m.etcd_member_id, m.hostname, f"https://{m.ip}:2380", f"https://{m.ip}:2379", "false"]
 
@@ -640,11 +638,10 @@ def cmd_etcd(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Result:
     world = inv.world
     if sub == "members":
         rows = [(["NODE"] if inv.node_column else []) + ["ID", "HOSTNAME", "PEER URLS", "CLIENT URLS", "LEARNER"]]
-        errors = []
-        for ip in inv.nodes:
-            n, err = _reach(inv, ip)
-            if n is None or not n.etcd_running:
-                errors.append((ip, err or "rpc error: code = Unknown desc = etcd is not running on this node"))
+        errors: list[tuple[str, str]] = []
+        for ip, n in _reachable(inv, errors):
+            if not n.etcd_running:
+                errors.append((ip, ETCD_NOT_RUNNING))
                 continue
             with world.lock:
                 members = world.clusters[n.cluster].etcd_members()
@@ -652,19 +649,15 @@ def cmd_etcd(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Result:
                     rows.append(([ip] if inv.node_column else []) + _member_row(m))
         if len(rows) > 1:
             inv.out.append(table(rows))
-        if errors:
-            inv.err.append(multierror("getting members", errors))
-            return _done(inv, 1)
-        return _done(inv)
+        return _finish(inv, "getting members", errors)
     if sub == "status":
         rows = [(["NODE"] if inv.node_column else []) +
                 ["MEMBER", "DB SIZE", "IN USE", "LEADER", "RAFT INDEX", "RAFT TERM", "RAFT APPLIED INDEX",
                  "LEARNER", "PROTOCOL", "STORAGE", "ERRORS"]]
         errors = []
-        for ip in inv.nodes:
-            n, err = _reach(inv, ip)
-            if n is None or not n.etcd_running:
-                errors.append((ip, err or "rpc error: code = Unknown desc = etcd is not running on this node"))
+        for ip, n in _reachable(inv, errors):
+            if not n.etcd_running:
+                errors.append((ip, ETCD_NOT_RUNNING))
                 continue
             with world.lock:
                 members = world.clusters[n.cluster].etcd_members()
@@ -682,21 +675,18 @@ def cmd_etcd(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Result:
                          leader.etcd_member_id, "4703", "2", "4703", "false", "3.6.4", "3.6.0", errs])
         if len(rows) > 1:
             inv.out.append(table(rows))
-        if errors:
-            inv.err.append(multierror("getting status", errors))
-            return _done(inv, 1)
-        return _done(inv)
+        return _finish(inv, "getting status", errors)
     if sub == "snapshot":
         if len(pos) != 2:
             raise UsageError(f"accepts 1 arg(s), received {len(pos) - 1}")
         ip = inv.nodes[0]
-        n, err = _reach(inv, ip)
-        if n is None or not n.etcd_running:
+        target, err = _reach(inv, ip)
+        if target is None or not target.etcd_running:
             inv.err.append(f"error reading file: {err or 'rpc error: code = Unknown desc = etcd is not running'}\n")
             return _done(inv, 1)
         dest = inv.path(pos[1])
-        payload = json.dumps({"cluster": n.cluster, "member": n.etcd_member_id, "taken": time.time(),
-                              "members": [m.hostname for m in world.clusters[n.cluster].etcd_members()]}).encode()
+        payload = json.dumps({"cluster": target.cluster, "member": target.etcd_member_id, "taken": time.time(),
+                              "members": [m.hostname for m in world.clusters[target.cluster].etcd_members()]}).encode()
         data = b"etcd-snapshot-v3\n" + payload + b"\0" * (4096 - len(payload) % 4096)
         tmp = dest.with_name(dest.name + ".part")
         tmp.write_bytes(data)
@@ -760,9 +750,8 @@ def health_checks(world: World, cluster: ClusterState) -> list[tuple[str, Callab
 
 def cmd_health(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Result:
     world = inv.world
-    n, err = _reach(inv, inv.nodes[0])
+    n = _first_node(inv, "healthcheck error")
     if n is None:
-        inv.err.append(f"healthcheck error: {err}\n")
         return _done(inv, 1)
     cluster = world.clusters[n.cluster]
     with world.lock:
@@ -798,13 +787,9 @@ def cmd_get(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Result:
         inv.err.append(f'error getting resources: 1 error occurred:\n\t* {inv.nodes[0]}: rpc error: code = NotFound '
                        f'desc = resource "{pos[0]}" is not registered\n\n')
         return _done(inv, 1)
-    errors = []
+    errors: list[tuple[str, str]] = []
     objs: list[dict[str, Any]] = []
-    for ip in inv.nodes:
-        n, err = _reach(inv, ip, flags["insecure"])
-        if n is None:
-            errors.append((ip, err or ""))
-            continue
+    for ip, n in _reachable(inv, errors, flags["insecure"]):
         stage = {"running": "running", "maintenance": "maintenance"}.get(n.phase, "booting")
         objs.append({
             "node": ip if inv.node_column else "",
@@ -823,10 +808,7 @@ def cmd_get(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Result:
         rows += [[o["node"], "runtime", "MachineStatus", "machine", "3", o["spec"]["stage"],
                   str(o["spec"]["status"]["ready"]).lower()] for o in objs]
         inv.out.append(table(rows))
-    if errors:
-        inv.err.append(multierror("getting resources", errors))
-        return _done(inv, 1)
-    return _done(inv)
+    return _finish(inv, "getting resources", errors)
 
 
 # --- apply-config, bootstrap, kubeconfig -----------------------------------------------------
@@ -861,12 +843,8 @@ def cmd_apply_config(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> 
         text = render_config(docs, with_docs=False, with_examples=False)
     facts = _machine_facts(text)
     world = inv.world
-    errors = []
-    for ip in inv.nodes:
-        n, err = _reach(inv, ip, flags["insecure"])
-        if n is None:
-            errors.append((ip, err or ""))
-            continue
+    errors: list[tuple[str, str]] = []
+    for _ip, n in _reachable(inv, errors, flags["insecure"]):
         mode = flags["mode"]
         details = {"auto": "Applied configuration without a reboot", "no-reboot": "Applied configuration without a reboot",
                    "reboot": "Applied configuration with a reboot", "staged": "Staged configuration to be applied after a reboot",
@@ -891,10 +869,7 @@ def cmd_apply_config(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> 
         inv.out.append(details + "\n")
         if mode == "reboot":
             world.spawn(partial(reboot_node, world, n, None, Outcome()), f"reboot-{n.hostname}")
-    if errors:
-        inv.err.append(multierror("applying new configuration", errors))
-        return _done(inv, 1)
-    return _done(inv)
+    return _finish(inv, "applying new configuration", errors)
 
 
 def _install(world: World, n: Node, image: str, kubelet: str) -> None:
@@ -914,10 +889,8 @@ def _install(world: World, n: Node, image: str, kubelet: str) -> None:
 
 def cmd_bootstrap(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Result:
     world = inv.world
-    ip = inv.nodes[0]
-    n, err = _reach(inv, ip)
+    n = _first_node(inv, "error executing bootstrap")
     if n is None:
-        inv.err.append(f"error executing bootstrap: {err}\n")
         return _done(inv, 1)
     with world.lock:
         cluster = world.clusters[n.cluster]
@@ -941,9 +914,8 @@ def cmd_bootstrap(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Res
 
 def cmd_kubeconfig(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Result:
     world = inv.world
-    n, err = _reach(inv, inv.nodes[0])
+    n = _first_node(inv, "error copying")
     if n is None:
-        inv.err.append(f"error copying: {err}\n")
         return _done(inv, 1)
     text = inv.kubeconfig_for(n.cluster) if inv.kubeconfig_for else None
     if text is None or not world.clusters[n.cluster].bootstrapped:

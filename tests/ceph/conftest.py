@@ -13,7 +13,8 @@ from twin.ceph_real import INSTALL_HINT, RealCeph, missing_daemons
 HOSTS = ["m720q-1", "m720q-2", "m720q-3"]
 
 
-def require_ceph_daemons() -> None:
+@pytest.fixture(scope="session")
+def ceph_installed() -> None:
     """Skip without the Debian daemons; in CI (CI=true) their absence is a failure."""
     missing = missing_daemons()
     if not missing:
@@ -24,14 +25,8 @@ def require_ceph_daemons() -> None:
     pytest.skip(message)
 
 
-@pytest.fixture
-def ceph_installed() -> None:
-    require_ceph_daemons()
-
-
 @pytest.fixture(scope="session")
-def real_ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCeph]:
-    require_ceph_daemons()
+def real_ceph(tmp_path_factory: pytest.TempPathFactory, ceph_installed: None) -> Iterator[RealCeph]:
     cluster = RealCeph(tmp_path_factory.mktemp("ceph") / "cluster", HOSTS)
     try:
         cluster.start()

@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 
 from twin import Knobs, Twin, talos
-from twin.ceph_real import INSTALL_HINT, missing_daemons
 
 pytestmark = pytest.mark.ceph
 
@@ -30,17 +29,6 @@ M2_IP = "10.42.0.102"
 NEW_IMAGE = "factory.talos.dev/installer/376567988ad370138ad8b2698212367b8edcb69b5fd68c80be1f2ec7d603b4ba:v1.11.5"
 # Long enough for PG_DEGRADED to appear while the node is away (about 4 s after its OSD stops).
 REBOOT_S = 6.0
-
-
-def require_ceph_daemons() -> None:
-    """Skip without the Debian daemons; in CI (CI=true) their absence is a failure."""
-    missing = missing_daemons()
-    if not missing:
-        return
-    message = f"real Ceph tests need {', '.join(missing)}: {INSTALL_HINT}"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message + " (CI=true: these tests must run, not skip)", pytrace=False)
-    pytest.skip(message)
 
 
 def ceph_processes(under: Path) -> list[str]:
@@ -72,8 +60,7 @@ def all_clean(st: dict[str, Any]) -> bool:
 
 
 @pytest.fixture(scope="class")
-def real_twin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Twin]:
-    require_ceph_daemons()
+def real_twin(tmp_path_factory: pytest.TempPathFactory, ceph_installed: None) -> Iterator[Twin]:
     t = Twin(TREE, tmp_path_factory.mktemp("real-twin"), ceph="real",
              knobs=Knobs(reboot_seconds=REBOOT_S, recovery_seconds=0.1, flux_delay_seconds=0.05))
     try:
@@ -154,8 +141,7 @@ class TestTwinWithRealCeph:
             real_twin.inject("ceph-stuck")
 
 
-def test_twin_up_real_ceph_writes_env_only_when_clean_and_stops_on_sigterm(tmp_path: Path) -> None:
-    require_ceph_daemons()
+def test_twin_up_real_ceph_writes_env_only_when_clean_and_stops_on_sigterm(tmp_path: Path, ceph_installed: None) -> None:
     workdir = tmp_path / "up"
     proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; sys.argv[0] = 'homelab'; from homelab.cli import main; main()",
