@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -57,7 +58,7 @@ PACIFIC_OSD_DUMP_FLAGS = {
 
 def realworld(name: str) -> str:
     path = REALWORLD / name
-    if not path.exists():
+    if not path.exists() and os.environ.get("CI") != "true":  # CI has ../shared: there it must be read
         pytest.skip(f"real-world capture {path} not present")
     return path.read_text()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -37,6 +38,12 @@ def test_parse_version_refuses_non_versions(text: object) -> None:
 
 def test_versions_compare_as_semver() -> None:
     assert parse_version("v1.11.5") > parse_version("v1.9.12")
+
+
+def test_real_world_samples_are_present_in_ci() -> None:
+    """The samples sit beside the checkout (../shared); in CI the tests below must not vanish."""
+    if os.environ.get("CI") == "true":
+        assert sorted(REALWORLD.glob("*talconfig.yaml")), f"no real-world talconfig samples in {REALWORLD}"
 
 
 @pytest.mark.skipif(not REALWORLD.is_dir(), reason="real-world samples are beside the checkout")

@@ -27,7 +27,9 @@ from tasks.talos import (
 )
 
 REAL = Path(__file__).resolve().parents[3] / "shared" / "realworld" / "talos"
-needs_real = pytest.mark.skipif(not REAL.is_dir(), reason="realworld samples not present")
+# The samples sit beside the checkout (../shared); CI has them, so there a missing sample fails.
+needs_real = pytest.mark.skipif(not REAL.is_dir() and os.environ.get("CI") != "true",
+                                reason="realworld samples not present")
 
 
 # --- version ----------------------------------------------------------------------------------
