@@ -19,6 +19,14 @@ from homelab.problems import ConfigError
 TWIN_BLOCK = "twin"
 
 
+class FlowFailed(RuntimeError):
+    """A run that stopped; `result` is the flow's result dict (status failed) for the caller to report."""
+
+    def __init__(self, message: str, result: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.result = result
+
+
 def bundled_tree() -> Path:
     """The GitOps tree the twin is seeded from: ./k8s when run inside a homelab repository,
     else the example tree shipped beside the package."""
@@ -70,6 +78,22 @@ def finish(result: dict[str, Any], as_json: bool, summary: Callable[[dict[str, A
     else:
         typer.echo(summary(result))
     raise typer.Exit(0 if result.get("status") in ok else 1)
+
+
+def result_of(state: Any, failed: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    """The result dict of a flow's final state: the return value of a completed run, the dict a failed
+    run carries (a FlowFailed's `result`, or a Failed state's data), else `failed(<what went wrong>)`.
+    Bad configuration is re-raised: it is the operator's to fix (exit 2), not a failed run."""
+    if state.is_completed():
+        return dict(state.result())
+    data = state.result(raise_on_failure=False)
+    if isinstance(data, FlowFailed):
+        return data.result
+    if isinstance(data, dict):
+        return data
+    if isinstance(data, ConfigError):
+        raise data
+    return failed(f"{type(data).__name__}: {data}" if isinstance(data, BaseException) else str(state.message))
 
 
 def config_errors_exit_2(fn: Callable[[], None]) -> None:

@@ -61,13 +61,14 @@ def run_demo() -> int:
     say = Progress().say
     from flows.approval import approve
     from flows.drift_check import drift_check
-    from flows.drift_check import result_of as drift_result
+    from flows.drift_check import failed_result as drift_failed
     from flows.drift_check import summary as drift_summary
+    from flows.flux_reconcile import failed_result as flux_failed
     from flows.flux_reconcile import flux_reconcile
-    from flows.flux_reconcile import result_of as flux_result
     from flows.flux_reconcile import summary as flux_summary
-    from flows.talos_upgrade import state_result, talos_upgrade
+    from flows.talos_upgrade import failed_result as talos_failed
     from flows.talos_upgrade import summary as talos_summary
+    from flows.talos_upgrade import talos_upgrade
     from twin import Twin
     from twin.register import homelab_block
     from twin.state import Knobs
@@ -82,7 +83,7 @@ def run_demo() -> int:
             homelab_block(sim).save(DEMO_BLOCK, overwrite=True)
 
             say("1/3 drift-check: the tree at the git head against the live homelab")
-            results["drift"] = drift_result(drift_check(homelab=DEMO_BLOCK, return_state=True))
+            results["drift"] = _runtime.result_of(drift_check(homelab=DEMO_BLOCK, return_state=True), drift_failed)
             typer.echo(drift_summary(results["drift"]))
 
             say("2/3 talos-upgrade m720q: plan, approval, then one node at a time behind the gates")
@@ -99,12 +100,12 @@ def run_demo() -> int:
             if runner.is_alive() or "state" not in box:
                 say("talos-upgrade did not finish within 10 minutes")
                 return 1
-            results["upgrade"] = state_result(box["state"])
+            results["upgrade"] = _runtime.result_of(box["state"], talos_failed)
             typer.echo(talos_summary(results["upgrade"]))
 
             say("3/3 flux-reconcile m720q: every Kustomization in dependsOn order, with its GitRepository")
-            results["reconcile"] = flux_result(flux_reconcile(homelab=DEMO_BLOCK, cluster="m720q",
-                                                                      return_state=True))
+            results["reconcile"] = _runtime.result_of(
+                flux_reconcile(homelab=DEMO_BLOCK, cluster="m720q", return_state=True), flux_failed)
             typer.echo(flux_summary(results["reconcile"]))
             say("stopping the simulated homelab")
         ok = (results["drift"].get("status") in ("clean", "drifted")

@@ -34,7 +34,7 @@ from flows import _runtime
 from homelab import drift
 from homelab.config import Cluster, load_tree
 from homelab.drift import DriftReport, Finding
-from homelab.problems import ConfigError, Problem
+from homelab.problems import Problem
 from homelab.validate import validate
 from tasks import git as gitrepo
 
@@ -244,13 +244,8 @@ def drift_check(
 # --- command line ----------------------------------------------------------------------------------
 
 
-def result_of(state: Any) -> dict[str, Any]:
-    if state.is_completed():
-        return dict(state.result())
-    exc = state.result(raise_on_failure=False)
-    if isinstance(exc, ConfigError):
-        raise exc
-    error = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(state.message)
+def failed_result(error: str) -> dict[str, Any]:
+    """The result of a check that could not run."""
     return {"status": "failed", "counts": {}, "findings": [], "error": error}
 
 
@@ -270,7 +265,8 @@ def cli(homelab: str, cluster: str | None, twin: bool, twin_state: str, fault: l
     outcome: dict[str, Any] = {}
     with _runtime.target(homelab, twin, twin_state, fault) as block_name:
         def run() -> None:
-            outcome.update(result_of(drift_check(homelab=block_name, cluster=cluster or None, return_state=True)))
+            state = drift_check(homelab=block_name, cluster=cluster or None, return_state=True)
+            outcome.update(_runtime.result_of(state, failed_result))
 
         _runtime.config_errors_exit_2(run)
     _runtime.finish(outcome, as_json, summary, ok=("clean", "drifted"))

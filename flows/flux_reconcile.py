@@ -33,12 +33,11 @@ MAX_PARALLEL = 16
 Key = tuple[str, str]
 
 
-class ReconcileRunFailed(RuntimeError):
+class ReconcileRunFailed(_runtime.FlowFailed):
     """The run ends Failed; ``result`` is the flow's result dict (per-Kustomization outcomes)."""
 
     def __init__(self, message: str, result: dict[str, Any] | None = None):
-        self.result = result or {"status": FAILED, "kustomizations": []}
-        super().__init__(message)
+        super().__init__(message, result or {"status": FAILED, "kustomizations": []})
 
 
 # --- pure decisions -------------------------------------------------------------------------------
@@ -232,17 +231,14 @@ def flux_reconcile(
 # --- command line ---------------------------------------------------------------------------------
 
 
+def failed_result(error: str) -> dict[str, Any]:
+    """The result of a run that ended without its own result dict."""
+    return {"status": FAILED, "kustomizations": [], "error": error}
+
+
 def result_of(state: Any) -> dict[str, Any]:
     """The flow's result dict from its final state (a Failed state carries it in ReconcileRunFailed)."""
-    if state.is_completed():
-        return dict(state.result())
-    exc = state.result(raise_on_failure=False)
-    if isinstance(exc, ReconcileRunFailed):
-        return exc.result
-    if isinstance(exc, ConfigError):
-        raise exc
-    text = f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(state.message)
-    return {"status": FAILED, "kustomizations": [], "error": text}
+    return _runtime.result_of(state, failed_result)
 
 
 def summary(result: dict[str, Any]) -> str:

@@ -20,6 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from blocks import load_homelab
+from flows._runtime import FlowFailed
 from flows.flux_reconcile import MAX_PARALLEL, NOT_STARTED, reconcile_selection
 from homelab import git_push as gp
 from homelab.config import load_talconfig, load_tree
@@ -30,10 +31,9 @@ from tasks.kube import KubeError
 COMPLETED, FAILED, IGNORED = "completed", "failed", "ignored"
 
 
-class GitPushFailed(RuntimeError):
+class GitPushFailed(FlowFailed):
     def __init__(self, message: str, result: dict[str, Any] | None = None):
-        self.result = result or {"status": FAILED}
-        super().__init__(message)
+        super().__init__(message, result or {"status": FAILED})
 
 
 def _versions(repo: gitrepo.Repo, commit: str, tree_path: str, cluster: str) -> tuple[str, str] | None:

@@ -19,7 +19,6 @@ from flows.talos_upgrade import (
     StepFailed,
     Target,
     _table,
-    build_window,
     default_snapshot_dir,
     disruption_lock,
     load_target,
@@ -27,7 +26,6 @@ from flows.talos_upgrade import (
     preflight_task,
     result,
     snapshot_task,
-    state_result,
     window_deferral,
 )
 from homelab.upgrade import K8sPlan, PlanRefused, plan_kubernetes_upgrade
@@ -198,48 +196,4 @@ def summary(res: dict[str, Any]) -> str:
     if res.get("error"):
         lines.append(f"  {res['error']}")
     return "\n".join(lines)
-
-
-def cli_kubernetes(
-    homelab: str = "default",
-    cluster: str | None = None,
-    to: str | None = None,
-    dry_run: bool = False,
-    yes: bool = False,
-    window: str | None = None,
-    window_hours: float = 4.0,
-    tz: str = "UTC",
-    now: bool = False,
-    twin: bool = False,
-    twin_state: str = "pre-upgrade",
-    fault: list[str] | None = None,
-    json_output: bool = False,
-    snapshot_dir: str | None = None,
-) -> None:
-    """`homelab upgrade kubernetes`: exit 0 completed/planned/deferred, 1 failed, 2 bad usage or configuration."""
-    from flows import _runtime
-
-    _runtime.quiet_prefect()
-    mw = build_window(window, window_hours, tz)
-
-    def go() -> None:
-        with _runtime.target(homelab, twin, twin_state, list(fault or [])) as block_name:
-            common: dict[str, Any] = dict(homelab=block_name, cluster=cluster, to=to, window=mw, run_now=now,
-                                          snapshot_dir=snapshot_dir)
-            approval = not yes
-            if not dry_run and not yes and not _runtime.prefect_server_configured():
-                import typer
-
-                planned = state_result(kubernetes_upgrade(**common, dry_run=True, return_state=True))
-                if planned["status"] != "planned":
-                    _runtime.finish(planned, json_output, summary, ok=("completed", "deferred"))
-                typer.echo(summary(planned), err=True)
-                if not typer.confirm("Upgrade Kubernetes?", err=True):
-                    typer.echo("not approved; nothing was changed", err=True)
-                    raise typer.Exit(1)
-                approval = False
-            state = kubernetes_upgrade(**common, dry_run=dry_run, require_approval=approval, return_state=True)
-            _runtime.finish(state_result(state), json_output, summary, ok=("completed", "planned", "deferred"))
-
-    _runtime.config_errors_exit_2(go)
 

@@ -75,12 +75,8 @@ class Deadlines(BaseModel):
     approval_seconds: int = Field(default=24 * 3600, gt=0, description="The approval form stays open this long.")
 
 
-class ProvisionFailed(RuntimeError):
+class ProvisionFailed(_runtime.FlowFailed):
     """The run stopped; `result` is the flow's result dict (status failed)."""
-
-    def __init__(self, message: str, result: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.result = result
 
 
 class StepFailed(RuntimeError):
@@ -529,18 +525,8 @@ def _report(cluster: str, result: dict[str, Any]) -> None:
 # --- command line ---------------------------------------------------------------------------------
 
 
-def result_of(state: Any) -> dict[str, Any]:
-    """The flow's result dict from its final state (a Failed state carries it in ProvisionFailed)."""
-    if state.is_completed():
-        value = state.result()
-        return dict(value)
-    exc = state.result(raise_on_failure=False)
-    if isinstance(exc, ProvisionFailed):
-        return exc.result
-    if isinstance(exc, ConfigError):
-        raise exc
-    return _result(FAILED, None, False, f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException)
-                   else str(state.message))
+def _failed_result(error: str) -> dict[str, Any]:
+    return _result(FAILED, None, False, error)
 
 
 def summary(result: dict[str, Any]) -> str:
@@ -588,7 +574,7 @@ def cli(homelab: str, cluster: str, plan: bool, yes: bool, twin: bool, twin_stat
         def run() -> None:
             state = provision(homelab=block_name, cluster=cluster, plan_only=plan, require_approval=require_approval,
                               return_state=True)
-            outcome.update(result_of(state))
+            outcome.update(_runtime.result_of(state, _failed_result))
 
         _runtime.config_errors_exit_2(run)
     _runtime.finish(outcome, as_json, summary, ok=(COMPLETED, PLANNED))

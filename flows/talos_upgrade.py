@@ -28,7 +28,6 @@ from pydantic import BaseModel, Field
 from homelab import ceph_gate
 from homelab.config import ProxmoxCluster, TalConfig, load_tree
 from homelab.gates import NodeView, Verdict
-from homelab.problems import ConfigError
 from homelab.upgrade import (
     PlanRefused,
     TalosPlan,
@@ -845,15 +844,16 @@ def summary(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def failed_result(error: str) -> dict[str, Any]:
+    """The result of a run that ended without its own result dict."""
+    return result("failed", None, [], 0, "untouched", None, error)
+
+
 def state_result(state: Any) -> dict[str, Any]:
-    """The result dict of a finished run, whether it completed or failed."""
-    data = state.result(raise_on_failure=False)
-    if isinstance(data, dict):
-        return data
-    if isinstance(data, ConfigError):  # bad configuration is the operator's to fix: exit 2, not a failed run
-        raise data
-    msg = state.message or str(data)
-    return result("failed", None, [], 0, "untouched", None, msg)
+    """The result dict of a finished run (Talos or Kubernetes upgrade), whether it completed or failed."""
+    from flows import _runtime
+
+    return _runtime.result_of(state, failed_result)
 
 
 def build_window(window: str | None, window_hours: float, tz: str) -> MaintenanceWindow | None:
@@ -868,24 +868,14 @@ def build_window(window: str | None, window_hours: float, tz: str) -> Maintenanc
     return MaintenanceWindow(cron=window, hours=window_hours, timezone=tz)
 
 
-def cli_talos(
-    homelab: str = "default",
-    cluster: str | None = None,
-    to: str | None = None,
-    node: list[str] | None = None,
-    dry_run: bool = False,
-    yes: bool = False,
-    window: str | None = None,
-    window_hours: float = 4.0,
-    tz: str = "UTC",
-    now: bool = False,
-    twin: bool = False,
-    twin_state: str = "pre-upgrade",
-    fault: list[str] | None = None,
-    json_output: bool = False,
-    snapshot_dir: str | None = None,
-) -> None:
-    """`homelab upgrade talos`: exit 0 completed/planned/deferred, 1 failed, 2 bad usage or configuration."""
+def upgrade_cli(run: Callable[..., Any], params: dict[str, Any], render: Callable[[dict[str, Any]], str], *,
+                question: str, homelab: str, window: str | None, window_hours: float, tz: str, dry_run: bool,
+                yes: bool, twin: bool, twin_state: str, fault: list[str] | None, json_output: bool) -> None:
+    """`homelab upgrade talos|kubernetes`: `run` (the upgrade flow) with `params` on the target homelab,
+    its result printed by `render` (or as JSON).
+    Without --yes and without a Prefect server to hold the approval form, the plan (a dry run) is shown
+    and the question asked on the terminal first. Exit 0 completed/planned/deferred, 1 failed or not
+    approved, 2 bad usage or configuration."""
     from flows import _runtime
 
     _runtime.quiet_prefect()
@@ -893,21 +883,22 @@ def cli_talos(
 
     def go() -> None:
         with _runtime.target(homelab, twin, twin_state, list(fault or [])) as block_name:
-            common = dict(homelab=block_name, cluster=cluster, to=to, nodes=list(node) if node else None,
-                          window=mw, run_now=now, snapshot_dir=snapshot_dir)
+            common = dict(params, homelab=block_name, window=mw)
             approval = not yes
             if not dry_run and not yes and not _runtime.prefect_server_configured():
                 import typer
 
-                planned = state_result(talos_upgrade(**common, dry_run=True, return_state=True))
+                planned = state_result(run(**common, dry_run=True, return_state=True))
                 if planned["status"] != "planned":
-                    _runtime.finish(planned, json_output, summary, ok=("completed", "deferred"))
-                typer.echo(summary(planned), err=True)
-                if not typer.confirm("Upgrade these nodes?", err=True):
+                    _runtime.finish(planned, json_output, render, ok=("completed", "deferred"))
+                typer.echo(render(planned), err=True)
+                if not typer.confirm(question, err=True):
                     typer.echo("not approved; nothing was changed", err=True)
                     raise typer.Exit(1)
                 approval = False
-            state = talos_upgrade(**common, dry_run=dry_run, require_approval=approval, return_state=True)
-            _runtime.finish(state_result(state), json_output, summary, ok=("completed", "planned", "deferred"))
+            state = run(**common, dry_run=dry_run, require_approval=approval, return_state=True)
+            res = state_result(state)
+            _runtime.finish(res, json_output, render, ok=("completed", "planned", "deferred"))
 
     _runtime.config_errors_exit_2(go)
+

@@ -101,11 +101,12 @@ def upgrade_talos(
     json_output: JsonOpt = False,
 ) -> None:
     """Upgrade Talos node by node: gates, approval, one global lock, resumable."""
-    from flows.talos_upgrade import cli_talos
+    from flows.talos_upgrade import summary, talos_upgrade, upgrade_cli
 
-    cli_talos(homelab=homelab, cluster=cluster, to=to, node=node, dry_run=dry_run, yes=yes, window=window,
-              window_hours=window_hours, tz=tz, now=now, twin=twin, twin_state=twin_state, fault=fault,
-              json_output=json_output)
+    upgrade_cli(talos_upgrade, dict(cluster=cluster, to=to, nodes=list(node) if node else None, run_now=now),
+                summary, question="Upgrade these nodes?", homelab=homelab, window=window,
+                window_hours=window_hours, tz=tz, dry_run=dry_run, yes=yes, twin=twin, twin_state=twin_state,
+                fault=fault, json_output=json_output)
 
 
 @upgrade_app.command("kubernetes")
@@ -125,11 +126,12 @@ def upgrade_kubernetes(
     json_output: JsonOpt = False,
 ) -> None:
     """Upgrade Kubernetes with talosctl upgrade-k8s: one minor at a time, behind the same gates."""
-    from flows.kubernetes_upgrade import cli_kubernetes
+    from flows.kubernetes_upgrade import kubernetes_upgrade, summary
+    from flows.talos_upgrade import upgrade_cli
 
-    cli_kubernetes(homelab=homelab, cluster=cluster, to=to, dry_run=dry_run, yes=yes, window=window,
-                   window_hours=window_hours, tz=tz, now=now, twin=twin, twin_state=twin_state, fault=fault,
-                   json_output=json_output)
+    upgrade_cli(kubernetes_upgrade, dict(cluster=cluster, to=to, run_now=now), summary,
+                question="Upgrade Kubernetes?", homelab=homelab, window=window, window_hours=window_hours, tz=tz,
+                dry_run=dry_run, yes=yes, twin=twin, twin_state=twin_state, fault=fault, json_output=json_output)
 
 
 @app.command()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import textwrap
 import uuid
 from collections.abc import Iterator
@@ -29,27 +27,6 @@ pytestmark = [pytest.mark.integration,
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = Deadlines(proxmox_task_seconds=30, talos_api_seconds=30, health_seconds=30, approval_seconds=30)
-
-# Until the twin's talosctl dispatches `gen` itself, this wrapper runs `gen secrets` / `gen config`
-# through the same implementation (twin.talos_gen) and hands every other command to the twin's talosctl.
-# talosctl_for() stops using it as soon as `talosctl gen config --help` succeeds on the twin.
-GEN_WRAPPER = '''\
-import os, sys
-sys.path.insert(0, {root!r})
-REAL = {real!r}
-args = sys.argv[1:]
-i = 0
-while i < len(args) and args[i].startswith("-"):
-    i += 2 if args[i] in ("--talosconfig", "--context", "--nodes", "-n", "--endpoints", "-e", "--cluster") else 1
-if args[i:i + 1] != ["gen"]:
-    os.execv(REAL, [REAL] + args)
-from twin.talos_gen import run_gen
-out, err, code = run_gen(args, os.getcwd())
-sys.stdout.write(out)
-sys.stderr.write(err)
-sys.exit(code)
-'''
-
 
 @dataclass
 class Lab:
@@ -80,15 +57,8 @@ class Lab:
             return e.result
 
 
-def talosctl_for(sim: Any, tmp: Path) -> str:
-    real = str(sim.bin_dir / "talosctl")
-    probe = subprocess.run([real, "gen", "config", "--help"], capture_output=True, text=True, timeout=30, check=False)
-    if probe.returncode == 0:
-        return real
-    wrapper = tmp / "talosctl-gen"
-    wrapper.write_text(f"#!{sys.executable}\n" + GEN_WRAPPER.format(root=str(ROOT), real=real))
-    wrapper.chmod(0o755)
-    return str(wrapper)
+def talosctl_for(sim: Any) -> str:
+    return str(sim.bin_dir / "talosctl")
 
 
 def homelab_block_of(sim: Any, tree: Path, talosctl: str) -> Homelab:
@@ -123,7 +93,7 @@ def make_lab(prefect_api_url: str, tmp_path: Path) -> Iterator[Any]:
         sim.start()
         sims.append(sim)
         name = f"provision-test-{uuid.uuid4().hex[:8]}"
-        homelab_block_of(sim, tree, talosctl_for(sim, tmp_path)).save(name, overwrite=True)
+        homelab_block_of(sim, tree, talosctl_for(sim)).save(name, overwrite=True)
         return Lab(sim, name, tree)
 
     yield make

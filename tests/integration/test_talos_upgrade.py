@@ -220,29 +220,23 @@ def test_homelab_cluster_upgrades_without_ceph_gates(twin, tmp_path):
 def test_cli_dry_run_prints_the_plan_as_json_and_exits_0(prefect_api_url):
     import json
 
-    import typer
     from typer.testing import CliRunner
 
-    from flows.talos_upgrade import cli_talos
+    from homelab.cli import app
 
-    app = typer.Typer()
-    app.command()(cli_talos)
-    out = CliRunner().invoke(app, ["--twin", "--dry-run", "--json-output"])
+    out = CliRunner().invoke(app, ["upgrade", "talos", "--twin", "--dry-run", "--json"])
     assert out.exit_code == 0, out.output
-    res = json.loads(out.output.strip().splitlines()[-1])
+    res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["status"] == "planned" and [n["action"] for n in res["nodes"]] == ["would-upgrade"] * 3
 
 
 def test_cli_refused_plan_exits_1(prefect_api_url):
     import json
 
-    import typer
     from typer.testing import CliRunner
 
-    from flows.talos_upgrade import cli_talos
+    from homelab.cli import app
 
-    app = typer.Typer()
-    app.command()(cli_talos)
-    out = CliRunner().invoke(app, ["--twin", "--to", "v1.13.0", "--yes", "--json-output"])
+    out = CliRunner().invoke(app, ["upgrade", "talos", "--twin", "--to", "v1.13.0", "--yes", "--json"])
     assert out.exit_code == 1, out.output
-    assert "skips a minor" in json.loads(out.output.strip().splitlines()[-1])["error"]
+    assert "skips a minor" in json.loads(out.stdout.strip().splitlines()[-1])["error"]
