@@ -13,14 +13,18 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from homelab import ceph_gate
-from tasks.ceph import CephCli, CephError
-from twin.ceph_real import RealCeph
+# Run as a script, bench/ comes first on sys.path and bench/twin.py would shadow the twin package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from homelab import ceph_gate  # noqa: E402
+from tasks.ceph import CephCli, CephError  # noqa: E402
+from twin.ceph_real import RealCeph  # noqa: E402
 
 HOSTS = ["m720q-1", "m720q-2", "m720q-3"]
 OBSERVER_INTERVAL_S = 0.25

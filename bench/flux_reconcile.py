@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# Run as a script, bench/ comes first on sys.path and bench/twin.py would shadow the twin package.
+sys.path.insert(0, str(REPO))
 
 
 def critical_path(tree, durations: dict[str, float], source_s: float) -> float:
