@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 from pydantic import Field
@@ -20,17 +20,17 @@ from flows.talos_upgrade import (
     Target,
     _table,
     default_snapshot_dir,
+    deferred_result,
     disruption_lock,
-    load_target,
     observe_versions,
     preflight_task,
     result,
     snapshot_task,
-    window_deferral,
+    upgrade_target,
 )
 from homelab.upgrade import K8sPlan, PlanRefused, plan_kubernetes_upgrade
 from homelab.versions import parse_version
-from tasks.connect import Clients, connect
+from tasks.connect import Clients
 from tasks.kube import Kube, KubeError
 from tasks.talos import TalosError
 
@@ -97,17 +97,10 @@ def kubernetes_upgrade(
     snapshot_dir: Annotated[str | None, Field(description="Where the etcd snapshot goes (default ~/.local/state/homelab/etcd-snapshots).")] = None,
 ) -> Any:
     """Upgrade Kubernetes by one minor (or patch) with talosctl upgrade-k8s."""
-    from blocks import load_homelab
-
-    log = get_run_logger()
-    deferral = None if dry_run else window_deferral(window, run_now)
-    if deferral:
-        log.warning(deferral)
-        return result("deferred", to, [], 0, "untouched", None, deferral)
-    block = load_homelab(homelab)
-    cluster = cluster or block.cluster
-    target = load_target(block.gitops_tree(), cluster)
-    with connect(block, cluster) as cl:
+    deferred = deferred_result(window, run_now, dry_run, to)
+    if deferred:
+        return deferred
+    with upgrade_target(homelab, cluster) as (_, target, cl):
         return _upgrade(cl, target, to, dry_run, require_approval, deadlines, snapshot_dir or default_snapshot_dir())
 
 

@@ -646,19 +646,33 @@ def _talos_upgrade(homelab: str, cluster: str | None, to: str | None, nodes: lis
                    images: dict[str, str] | None, dry_run: bool, require_approval: bool, pause_seconds: float,
                    allow_minor_skip: bool, allow_downgrade: bool, window: MaintenanceWindow | None, run_now: bool,
                    deadlines: Deadlines, snapshot_dir: str | None) -> Any:
+    deferred = deferred_result(window, run_now, dry_run, to)
+    if deferred:
+        return deferred
+    with upgrade_target(homelab, cluster) as (block, target, cl):
+        return _upgrade(cl, block, target, to, nodes, images, dry_run, require_approval, pause_seconds,
+                        allow_minor_skip, allow_downgrade, deadlines, snapshot_dir or default_snapshot_dir())
+
+
+def deferred_result(window: MaintenanceWindow | None, run_now: bool, dry_run: bool, to: str | None) -> Any:
+    """The "deferred" result when the maintenance window is closed (a dry run is never deferred)."""
+    deferral = None if dry_run else window_deferral(window, run_now)
+    if not deferral:
+        return None
+    get_run_logger().warning(deferral)
+    return result("deferred", to, [], 0, "untouched", None, deferral)
+
+
+@contextlib.contextmanager
+def upgrade_target(homelab: str, cluster: str | None) -> Iterator[tuple[Any, Target, Clients]]:
+    """The Homelab block, the cluster's desired state and its clients."""
     from blocks import load_homelab
 
-    log = get_run_logger()
-    deferral = None if dry_run else window_deferral(window, run_now)
-    if deferral:
-        log.warning(deferral)
-        return result("deferred", to, [], 0, "untouched", None, deferral)
     block = load_homelab(homelab)
     cluster = cluster or block.cluster
     target = load_target(block.gitops_tree(), cluster)
     with connect(block, cluster) as cl:
-        return _upgrade(cl, block, target, to, nodes, images, dry_run, require_approval, pause_seconds,
-                        allow_minor_skip, allow_downgrade, deadlines, snapshot_dir or default_snapshot_dir())
+        yield block, target, cl
 
 
 def _plan(cl: Clients, target: Target, to: str | None, nodes: list[str] | None, images: dict[str, str] | None,
