@@ -1,5 +1,7 @@
 """Talos rolling-upgrade benchmark; prints one JSON line
-{"nodes", "physical_s", "wall_s", "overhead_per_node_s", "gate_reaction_s_p50", "baseline_wall_s"}.
+{"nodes", "physical_s", "wall_s", "overhead_per_node_s", "gate_reaction_s_p50", "baseline_wall_s",
+"lock_check_ms_p50"} (lock_check_ms_p50: one confirmation of the disruption lock with the server, the
+median over the run's confirmations; overhead_per_node_s includes them).
 
 wall_s: the talos-upgrade flow function's first line to its return (TIMELINE marks), with a Prefect
 server already running (PREFECT_API_URL, else a temporary one started before the clock runs).
@@ -45,13 +47,29 @@ done
 
 @contextlib.contextmanager
 def prefect_server() -> Iterator[None]:
+    """PREFECT_API_URL's server, else a `homelab server` (leases in redis, as the lock runs for real)."""
     if os.environ.get("PREFECT_API_URL"):
         yield
         return
-    from prefect.testing.utilities import prefect_test_harness
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with prefect_test_harness(server_startup_timeout=60):
-        yield
+    from deployments.server import free_port
+
+    with tempfile.TemporaryDirectory(prefix="bench-server-") as home:
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "homelab", "server", "--port", str(port), "--home", home],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                env={**os.environ, "PREFECT_SERVER_UI_ENABLED": "false"})
+        try:
+            assert proc.stdout is not None
+            url = proc.stdout.readline().strip()
+            if not url.startswith("http"):
+                raise SystemExit(f"homelab server did not start (printed {url!r})")
+            with temporary_settings({PREFECT_API_URL: url}):
+                yield
+        finally:
+            proc.terminate()
+            proc.wait(60)
 
 
 class Conditions:
@@ -122,7 +140,8 @@ def run_flow(knobs: dict[str, float], workdir: Path) -> dict[str, Any]:
         nodes = sum(1 for n in res["nodes"] if n["action"] == "upgraded")
         reacts = reactions(list(tu.TIMELINE), cond)
         return {"nodes": nodes, "wall_s": wall, "reactions": reacts,
-                "max_concurrent": t.record.max_concurrent("m720q")}
+                "max_concurrent": t.record.max_concurrent("m720q"),
+                "lock_check_ms_p50": res["lock"]["confirm_ms_p50"]}
 
 
 def run_baseline(knobs: dict[str, float], workdir: Path) -> float:
@@ -165,6 +184,7 @@ def main() -> None:
         "overhead_per_node_s": round((flow["wall_s"] - physical) / nodes, 3),
         "gate_reaction_s_p50": round(statistics.median(flow["reactions"]), 3) if flow["reactions"] else None,
         "baseline_wall_s": None if baseline is None else round(baseline, 3),
+        "lock_check_ms_p50": flow["lock_check_ms_p50"],
     }))
 
 

@@ -1,9 +1,19 @@
 """Webhook receiver benchmark; prints one JSON line {"push_to_run_s_p50", "rps", "p99_ms", ...}.
 
-rps / p99_ms: signed valid pushes for a repository no trigger matches, sent by `--concurrency` clients
-for `--seconds`, to `homelab webhook serve` (the real entry point, its own process) posting to a real
-Prefect server (`prefect server start`, SQLite in a temp PREFECT_HOME, its own process). Each answer
-counts only as a 200, which the receiver sends after Prefect accepted the event.
+rps / p99_ms: signed valid pushes (each a new commit) of a repository no trigger matches, sent by
+`--concurrency` clients for `--seconds`, to `homelab webhook serve` (the real entry point, its own
+process, configured by its environment only) posting to a real Prefect server (`prefect server start`,
+SQLite in a temp PREFECT_HOME, its own process). Each answer counts only as a 200, which the receiver
+sends after Prefect accepted the event.
+
+direct_events_rps / receiver_ratio: the receiver's ceiling is the server's event intake, so the same
+clients then post the same events straight to the server's `POST /api/events`, one per request, for the
+same time; receiver_ratio = rps / direct_events_rps (target >= 0.8), measured in the same run.
+
+rss_mb_under_slowloris / valid_p99_ms_under_slowloris: 1,000 clients that send half a request line and
+headers and stop, plus 200 that send headers and 1 MiB of a body that never ends, hold connections while
+valid pushes are sent one at a time for `--slowloris-seconds`; the receiver's resident memory (VmHWM,
+its peak) against its pod's 256 MiB limit, and the p99 of those valid pushes.
 
 push_to_run_s_p50: push received → flow run created, one push at a time, measured first: the git-push
 deployment of prefect.yaml is registered with its `homelab.git.push` trigger (the automation whose
@@ -12,7 +22,7 @@ POSTed to the receiver and the clock stops when the API lists a new run of that 
 20 ms, bounded by a deadline). The deployment and its automation are then deleted, so the throughput
 pushes that follow match no trigger.
 
-    .venv/bin/python bench/webhook.py [--seconds 10] [--concurrency 8] [--pushes 15]
+    .venv/bin/python bench/webhook.py [--seconds 10] [--concurrency 8] [--pushes 15] [--slowloris-seconds 10]
 """
 
 from __future__ import annotations
@@ -98,7 +108,8 @@ def prefect_server(home: Path) -> Iterator[tuple[str, int]]:
 def receiver(api_url: str, home: Path) -> Iterator[tuple[str, int]]:
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api_url,
-           "HOMELAB_WEBHOOK_SECRET": SECRET, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+           "HOMELAB_WEBHOOK_SECRET": SECRET, "HOMELAB_WEBHOOK_REPOS": f"{REPOSITORY},{TRIGGERED_REPOSITORY}",
+           "HOMELAB_WEBHOOK_STATE": str(home / "deliveries.sqlite3"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     log = (home / "receiver.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-c", f"from deployments.webhook import serve; serve('127.0.0.1', {port})"],
@@ -118,26 +129,45 @@ def cpu_seconds(pid: int) -> float:
     return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
-def push_body(repository: str = REPOSITORY) -> bytes:
+def push_body(repository: str = REPOSITORY, after: str | None = None) -> bytes:
     raw = json.loads(SAMPLE.read_text())
     raw["repository"]["full_name"] = repository
+    # A new commit per push: the receiver refuses the same push (repository, ref, before, after) twice.
+    raw["after"] = after or uuid.uuid4().hex + uuid.uuid4().hex[:8]
     return json.dumps(raw).encode()
 
 
-async def load(base: str, seconds: float, concurrency: int) -> dict[str, Any]:
+def signed_push() -> tuple[bytes, dict[str, str]]:
     body = push_body()
-    signature = sign(SECRET.encode(), body, GITHUB)
+    return body, {"Content-Type": "application/json", "X-GitHub-Event": "push",
+                  "X-GitHub-Delivery": str(uuid.uuid4()), "X-Hub-Signature-256": sign(SECRET.encode(), body, GITHUB)}
+
+
+def direct_event() -> tuple[bytes, dict[str, str]]:
+    """What the receiver posts for one push, posted by the client itself (one event per request)."""
+    from datetime import UTC, datetime
+
+    from deployments.webhook import Push, push_event
+
+    push = Push(REPOSITORY, "refs/heads/main", "a" * 40, uuid.uuid4().hex + uuid.uuid4().hex[:8], "bench")
+    event = push_event(push, GITHUB, str(uuid.uuid4()), datetime.now(UTC))
+    return json.dumps([event]).encode(), {"Content-Type": "application/json"}
+
+
+async def load(base: str, seconds: float, concurrency: int, path: str = "/hooks/git",
+               request: Any = signed_push) -> dict[str, Any]:
+    """`concurrency` clients each sending one request after another for `seconds` (after a 1 s warm-up);
+    a request counts when answered 2xx. `request()` makes each (body, headers)."""
     latencies: list[float] = []
     failures: dict[int, int] = {}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base, timeout=10, limits=limits) as client:
 
         async def one() -> None:
-            headers = {"Content-Type": "application/json", "X-GitHub-Event": "push",
-                       "X-GitHub-Delivery": str(uuid.uuid4()), "X-Hub-Signature-256": signature}
+            body, headers = request()
             started = time.perf_counter()
-            response = await client.post("/hooks/git", content=body, headers=headers)
-            if response.status_code == 200:
+            response = await client.post(path, content=body, headers=headers)
+            if 200 <= response.status_code < 300:
                 latencies.append(time.perf_counter() - started)
             else:
                 failures[response.status_code] = failures.get(response.status_code, 0) + 1
@@ -199,6 +229,56 @@ def count_runs(client: httpx.Client, deployment_id: str) -> int:
     return int(response.json())
 
 
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError(f"/proc/{pid}/status has no {field}")
+
+
+async def slowloris(base: str, pid: int, seconds: float, slow_headers: int = 1000, unfinished: int = 200,
+                    body_bytes: int = 1 << 20) -> dict[str, Any]:
+    """Hold `slow_headers` connections that stop inside their headers and `unfinished` that stop inside
+    a large body, then time valid pushes one at a time for `seconds`; the receiver's peak memory."""
+    host, port = base.removeprefix("http://").split(":")
+    writers: list[asyncio.StreamWriter] = []
+    rss_before = rss_mb(pid)
+    try:
+        for i in range(slow_headers + unfinished):
+            _, writer = await asyncio.open_connection(host, int(port))
+            if i < slow_headers:
+                writer.write(b"POST /hooks/git HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            else:
+                writer.write(f"POST /hooks/git HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             f"X-Hub-Signature-256: sha256={'0' * 64}\r\nContent-Length: {body_bytes * 4}\r\n\r\n"
+                             .encode() + b"[" + b"1," * (body_bytes // 2))
+            writers.append(writer)
+        await asyncio.gather(*(w.drain() for w in writers), return_exceptions=True)
+        held = sum(not w.is_closing() for w in writers)
+        latencies: list[float] = []
+        failures: dict[int, int] = {}
+        async with httpx.AsyncClient(base_url=base, timeout=10) as client:
+            deadline = time.perf_counter() + seconds
+            while time.perf_counter() < deadline:
+                body, headers = signed_push()
+                started = time.perf_counter()
+                response = await client.post("/hooks/git", content=body, headers=headers)
+                if response.status_code == 200:
+                    latencies.append(time.perf_counter() - started)
+                else:
+                    failures[response.status_code] = failures.get(response.status_code, 0) + 1
+        rss_peak = rss_mb(pid, "VmHWM")
+    finally:
+        for w in writers:
+            w.close()
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] if latencies else None
+    return {"rss_mb_under_slowloris": rss_peak, "rss_mb_before_slowloris": rss_before,
+            "valid_p99_ms_under_slowloris": round(p99 * 1000, 1) if p99 is not None else None,
+            "valid_pushes_under_slowloris": len(latencies), "slowloris_failures": failures,
+            "slowloris_connections": slow_headers + unfinished, "slowloris_connections_open": held}
+
+
 def measure_push_to_run(base: str, api_url: str, home: Path, pushes: int,
                         deadline_s: float = 10.0) -> dict[str, Any]:
     """Seconds from each push's POST to the API listing the git-push run it caused, one push at a time.
@@ -207,8 +287,6 @@ def measure_push_to_run(base: str, api_url: str, home: Path, pushes: int,
     (20 ms) and one count request on top of the receiver → event → trigger → run path.
     """
     deployment_id = prefect_python(REGISTER, api_url, home).splitlines()[-1]
-    body = push_body(TRIGGERED_REPOSITORY)
-    signature = sign(SECRET.encode(), body, GITHUB)
     seconds: list[float] = []
     try:
         with httpx.Client(base_url=api_url, timeout=5) as api, httpx.Client(base_url=base, timeout=10) as hooks:
@@ -216,8 +294,10 @@ def measure_push_to_run(base: str, api_url: str, home: Path, pushes: int,
             # The first push is not timed: it waits for the server's trigger service to load the new
             # automation, which it does shortly after the deployment is registered.
             for i in range(pushes + 1):
+                body = push_body(TRIGGERED_REPOSITORY)
                 headers = {"Content-Type": "application/json", "X-GitHub-Event": "push",
-                           "X-GitHub-Delivery": str(uuid.uuid4()), "X-Hub-Signature-256": signature}
+                           "X-GitHub-Delivery": str(uuid.uuid4()),
+                           "X-Hub-Signature-256": sign(SECRET.encode(), body, GITHUB)}
                 started = time.perf_counter()
                 response = hooks.post("/hooks/git", content=body, headers=headers)
                 if response.status_code != 200:
@@ -245,6 +325,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--pushes", type=int, default=15, help="Pushes timed for push_to_run_s_p50.")
+    parser.add_argument("--slowloris-seconds", type=float, default=10.0,
+                        help="How long valid pushes are timed while 1,200 hostile connections are held.")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="homelab-bench-webhook-") as tmp:
         home = Path(tmp)
@@ -259,6 +341,12 @@ def main() -> None:
             result["cpu_s"]["client"] = round(time.process_time() - client_before, 2)
             health = httpx.get(f"{base}/healthz", timeout=5).json()
             result["events_per_post"] = round(health["events_posted"] / max(health["posts"], 1), 1)
+            server_root = api_url.removesuffix("/api")
+            direct = asyncio.run(load(server_root, args.seconds, args.concurrency, "/api/events", direct_event))
+            result["direct_events_rps"] = direct["rps"]
+            result["direct_events_p99_ms"] = direct["p99_ms"]
+            result["receiver_ratio"] = round(result["rps"] / direct["rps"], 2) if direct["rps"] else None
+            result.update(asyncio.run(slowloris(base, receiver_pid, args.slowloris_seconds)))
     print(json.dumps({"push_to_run_s_p50": push_to_run.pop("push_to_run_s_p50"), **result, **push_to_run}))
 
 

@@ -13,7 +13,16 @@ from pathlib import Path
 from typing import Any, cast
 
 from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+from prefect.types import SecretDict
+from pydantic import ConfigDict, Field, SecretStr, field_validator
+
+from homelab.monitoring import (
+    DEFAULT_ALLOWED,
+    DEFAULT_CEPH_SILENCED,
+    DEFAULT_NODE_LABELS,
+    HealthQuery,
+    parse_matcher_sets,
+)
 
 DEFAULT_CEPH_TOOLS = ["kubectl", "-n", "rook-ceph", "exec", "deploy/rook-ceph-tools", "--", "ceph"]
 
@@ -99,6 +108,32 @@ class GitSource(Block):
     url: str = Field(description="A local path or clone URL of the repository holding k8s/.")
     branch: str = Field(default="main", description="The branch Flux follows; pushes to others are ignored.")
     tree_path: str = Field(default="k8s", description="The GitOps tree's folder inside the repository.")
+    repositories: list[str] = Field(
+        default_factory=list,
+        description="The repositories whose pushes act on this homelab: full names as GitHub, Gitea and Forgejo "
+                    "send them (owner/name) or clone URLs. Empty: the one `url` names when it is a clone URL. A "
+                    "push of any other repository is ignored by the webhook receiver and refused by git-push.")
+
+    @field_validator("repositories")
+    @classmethod
+    def _repository_entries(cls, value: list[str]) -> list[str]:
+        from homelab.git_push import allowed_repositories
+
+        allowed_repositories(value)  # RepositoryRefused is a ValueError: pydantic names the field
+        return value
+
+    def allowed_repositories(self) -> frozenset[str]:
+        """The full names (lowercase) of `repositories`, or of `url` when that list is empty."""
+        from homelab.git_push import allowed_repositories
+
+        if self.repositories:
+            return allowed_repositories(self.repositories)
+        if "://" in self.url and not self.url.startswith("file://") or "@" in self.url.split("/")[0]:
+            try:
+                return allowed_repositories([self.url])
+            except ValueError:  # a URL that names no owner/name: nothing is allowed until the list is set
+                return frozenset()
+        return frozenset()
 
 
 class Webhook(Block):
@@ -111,11 +146,53 @@ class Webhook(Block):
     secret: SecretStr = Field(description="The webhook's shared secret. Stored encrypted.")
 
 
+class Monitoring(Block):
+    """Prometheus and Alertmanager of one cluster (kube-prometheus-stack), and the gates the upgrades take from them."""
+
+    _block_type_name = "Homelab Monitoring"
+    _block_type_slug = "homelab-monitoring"
+    _description = ("Prometheus and Alertmanager URLs and credentials; the alerts that may fire during an upgrade, "
+                    "the labels a node's silence matches, and the health queries every node must pass.")
+
+    prometheus_url: str = Field(description="Prometheus base URL, e.g. http://prometheus-operated.monitoring:9090.")
+    alertmanager_url: str = Field(description="Alertmanager base URL, e.g. http://alertmanager-operated.monitoring:9093.")
+    bearer_token: SecretStr | None = Field(
+        default=None, description="Bearer token sent to both (e.g. behind an OAuth proxy). Stored encrypted.")
+    basic_auth_user: str | None = Field(default=None, description="Basic auth user name, when they sit behind one.")
+    basic_auth_password: SecretStr | None = Field(default=None, description="Basic auth password. Stored encrypted.")
+    verify_tls: bool = Field(default=True, description="Verify the TLS certificates of https URLs.")
+    timeout_seconds: float = Field(default=10, gt=0, description="Deadline of one request.")
+    allowed_alerts: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_ALLOWED),
+        description='Alerts that may fire while an upgrade goes on, one matcher set each, e.g. '
+                    'alertname=~"Watchdog|InfoInhibitor" or {alertname="CPUThrottlingHigh", namespace="media"}.')
+    node_labels: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_NODE_LABELS),
+        description="Labels by which alerts name a node; a node's silence matches its name or address in each.")
+    ceph_silenced_alerts: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_CEPH_SILENCED),
+        description="Ceph alerts silenced while a node of a Ceph cluster is down (the noout warning).")
+    health_queries: list[HealthQuery] = Field(
+        default_factory=list, description="PromQL gates after every node, each with a name and a deadline.")
+    alert_gate_seconds: float = Field(
+        default=900, gt=0, description="How long the alert gate waits for firing alerts to resolve before a node.")
+    stale_silence_seconds: float = Field(
+        default=86400, gt=0, description="The drift check lists silences of these flows in force for longer than this.")
+
+    @field_validator("allowed_alerts")
+    @classmethod
+    def _matcher_sets(cls, value: list[str]) -> list[str]:
+        parse_matcher_sets(value)  # MatcherError is a ValueError: pydantic names the field
+        return value
+
+
 class Homelab(Block):
     """Everything a flow needs to reach one homelab."""
 
     _block_type_name = "Homelab"
     _block_type_slug = "homelab"
+    # A refused field must not echo what was entered: hook_env holds credentials.
+    model_config = ConfigDict(hide_input_in_errors=True)
     _description = "The named bundle a flow takes: Kubernetes, Talos, Ceph, Proxmox and git access, plus the GitOps tree."
 
     kubernetes: Kubernetes = Field(description="Kubernetes access; its kubeconfig holds a context per cluster.")
@@ -124,6 +201,16 @@ class Homelab(Block):
     proxmox: Proxmox | None = Field(default=None, description="The Proxmox API that hosts the VM cluster.")
     git: GitSource = Field(description="The repository holding the GitOps tree.")
     webhook: Webhook | None = Field(default=None, description="The webhook secret, for the receiver.")
+    # One Monitoring block, not a dict of them: Prefect hides the secrets of a nested block only when it is
+    # a field of its own (in a dict they would show in clear in the UI).
+    monitoring: Monitoring | None = Field(
+        default=None, description="Prometheus and Alertmanager of the clusters in monitoring_clusters; without it "
+                                  "the upgrades skip the monitoring gates and their plan says so.")
+    monitoring_clusters: list[str] = Field(
+        default_factory=lambda: ["m720q"], description="Clusters that the Monitoring block watches.")
+    sops_age_key: SecretStr | None = Field(
+        default=None, description="The age identity (AGE-SECRET-KEY-1...) that decrypts the tree's *.sops.yaml, "
+                                  "e.g. clusters/<cluster>/talos/talsecret.sops.yaml. Stored encrypted.")
     tree_path: str | None = Field(
         default=None, description="A local checkout of the GitOps tree (k8s/); default: the git block's path + tree_path.")
     cluster: str = Field(default="m720q", description="The cluster a flow acts on when it names none.")
@@ -133,9 +220,29 @@ class Homelab(Block):
     talos_contexts: dict[str, str] = Field(
         default_factory=dict, description="talosconfig context per cluster; default the cluster's name.")
     pre_node_hook: str | None = Field(
-        default=None, description="Shell command run before a node is disrupted; HOMELAB_NODE and HOMELAB_NODE_IP are set.")
+        default=None, description="Shell command (bash -c) run before a node is disrupted; HOMELAB_NODE and "
+                                  "HOMELAB_NODE_IP are set. Its whole process group is killed at the hook deadline.")
     post_node_hook: str | None = Field(
-        default=None, description="Shell command run after a node is back; HOMELAB_NODE and HOMELAB_NODE_IP are set.")
+        default=None, description="Shell command (bash -c) run after a node is back; HOMELAB_NODE and "
+                                  "HOMELAB_NODE_IP are set. Its whole process group is killed at the hook deadline.")
+    hook_env: SecretDict = Field(
+        default_factory=lambda: SecretDict({}),
+        description="Extra environment variables for the node hooks, name -> value (e.g. a token a hook needs). "
+                    "Stored encrypted and shown as ********. A hook sees only these, PATH, HOME, HOMELAB_NODE and "
+                    "HOMELAB_NODE_IP: never the worker's environment.")
+
+    @field_validator("hook_env")
+    @classmethod
+    def _hook_env_names_and_text(cls, value: SecretDict) -> SecretDict:
+        # Checked when the block is saved or loaded, so a bad entry stops the run before any node is touched.
+        for name, text in value.get_secret_value().items():
+            if not isinstance(name, str) or not name.isidentifier() or not name.isascii():
+                raise ValueError(f"hook_env: {name!r} is not an environment variable name")
+            if name in ("HOMELAB_NODE", "HOMELAB_NODE_IP"):
+                raise ValueError(f"hook_env: {name} is set per node by the flow; remove it")
+            if not isinstance(text, str):
+                raise ValueError(f"hook_env: the value of {name} must be text")
+        return value
 
     def kube_context(self, cluster: str) -> str:
         return self.kube_contexts.get(cluster, f"admin@{cluster}")
@@ -151,13 +258,21 @@ class Homelab(Block):
     def runs_ceph(self, cluster: str) -> bool:
         return self.ceph is not None and cluster in self.ceph_clusters
 
+    def monitoring_for(self, cluster: str) -> Monitoring | None:
+        """The Monitoring block that watches ``cluster``, or None (its gates are then skipped)."""
+        return self.monitoring if self.monitoring is not None and cluster in self.monitoring_clusters else None
+
+    def hook_env_values(self) -> dict[str, str]:
+        """hook_env in clear, for the hook's environment only."""
+        return dict(self.hook_env.get_secret_value())
+
 
 def load_homelab(name: str) -> Homelab:
     """The saved Homelab block `name` (Block.load is typed for both sync and async callers)."""
     return cast(Homelab, Homelab.load(name))
 
 
-ALL_BLOCKS: list[type[Block]] = [Kubernetes, Talos, Ceph, Proxmox, GitSource, Webhook, Homelab]
+ALL_BLOCKS: list[type[Block]] = [Kubernetes, Talos, Ceph, Proxmox, GitSource, Webhook, Monitoring, Homelab]
 
 
 def describe() -> dict[str, Any]:

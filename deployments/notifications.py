@@ -3,7 +3,8 @@
 Three automations, one per thing an operator must react to:
 - a disruptive run waits for approval (`prefect.flow-run.Paused`): the link to the run and the
   `homelab approve <id>` command;
-- a disruptive run failed (`prefect.flow-run.Failed`): the run's state message, i.e. its error line;
+- a disruptive run ended Failed, Crashed or Cancelled: the run's state message, i.e. its error line
+  (a crash or a cancel can leave shared state behind exactly as a failure can);
 - the nightly check found drift (`homelab.drift.detected`): the counts from the event's payload.
 
 The Prefect server renders the messages (Jinja, with `flow_run`, `flow` and `event` in scope) and sends
@@ -25,11 +26,17 @@ from prefect.events.schemas.automations import AutomationCore, EventTrigger, Pos
 from prefect.exceptions import ObjectNotFound
 
 # The flows that change a cluster; their pauses are approvals and their failures need a human.
-DISRUPTIVE_FLOWS = ("talos-upgrade", "kubernetes-upgrade", "provision")
+DISRUPTIVE_FLOWS = ("talos-upgrade", "kubernetes-upgrade", "cluster-upgrade", "provision")
 DRIFT_EVENT = "homelab.drift.detected"
 
 APPROVAL = "homelab: run waits for approval"
 FAILURE = "homelab: disruptive run failed"
+# Matched on the state's type, not its name: the server names each state event after the state's name
+# (prefect/server/models/events.py state_change_event: `prefect.flow-run.{state.name}`), and a
+# run that overruns its timeout ends in a FAILED-type state named TimedOut (flow_engine.py
+# handle_timeout), which an `expect` of `prefect.flow-run.Failed` never sees. CANCELLING is left out:
+# a run that is only being cancelled is still running its clean-up.
+ENDED_BADLY = ("FAILED", "CRASHED", "CANCELLED")
 DRIFT = "homelab: drift detected"
 NAMES = (APPROVAL, FAILURE, DRIFT)
 
@@ -41,8 +48,10 @@ _APPROVAL_BODY = (
     "Approve: homelab approve {{ flow_run.id }}\n"
     "Reject:  homelab approve {{ flow_run.id }} --reject --comment \"why\""
 )
+# The event's own state type: by the time the notification is rendered, the run may have moved on.
+_ENDING = "{{ event.resource['prefect.state-type']|lower }}"
 _FAILURE_BODY = (
-    "Flow run {{ flow_run.name }} of {{ flow.name }} failed.\n"
+    f"Flow run {{{{ flow_run.name }}}} of {{{{ flow.name }}}} ended {_ENDING}.\n"
     "Error: {{ flow_run.state.message }}\n"
     f"Run {{{{ flow_run.id }}}}: {_LINK}\n"
     "Shared state (noout, cordon) may have been left in place on purpose: read the run's report before rerunning."
@@ -77,14 +86,18 @@ class Change:
 
 
 def _disruptive_run_automation(block_document_id: UUID, name: str, description: str, event: str,
-                               subject: str, body: str) -> AutomationCore:
-    """An automation that notifies when a run of a disruptive flow emits `event`."""
+                               subject: str, body: str, state_types: tuple[str, ...] = ()) -> AutomationCore:
+    """An automation that notifies when a run of a disruptive flow emits `event` (with one of `state_types`,
+    the `prefect.state-type` label of flow-run state events, when given)."""
+    match: dict[str, Any] = {"prefect.resource.id": "prefect.flow-run.*"}
+    if state_types:
+        match["prefect.state-type"] = list(state_types)
     return AutomationCore(
         name=name,
         description=description,
         trigger=EventTrigger(
             expect={event},
-            match={"prefect.resource.id": "prefect.flow-run.*"},
+            match=match,
             match_related={  # type: ignore[arg-type]
                 "prefect.resource.role": "flow", "prefect.resource.name": list(DISRUPTIVE_FLOWS)},
             posture=Posture.Reactive,
@@ -103,8 +116,8 @@ def declared_automations(block_document_id: UUID) -> list[AutomationCore]:
             "prefect.flow-run.Paused", "homelab: {{ flow.name }} waits for approval", _APPROVAL_BODY),
         _disruptive_run_automation(
             block_document_id, FAILURE,
-            "Tells the operator that a disruptive run failed, with its error line.",
-            "prefect.flow-run.Failed", "homelab: {{ flow.name }} failed", _FAILURE_BODY),
+            "Tells the operator that a disruptive run ended Failed, Crashed or Cancelled, with its error line.",
+            "prefect.flow-run.*", f"homelab: {{{{ flow.name }}}} {_ENDING}", _FAILURE_BODY, ENDED_BADLY),
         AutomationCore(
             name=DRIFT,
             description="Tells the operator that the drift check found differences, with the counts.",

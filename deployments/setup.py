@@ -1,6 +1,9 @@
 """`homelab setup`: what a Prefect server needs before the deployments can run. Idempotent.
 
 - the process work pool `homelab` (disruptive flows run outside the cluster they change);
+- the kubernetes work pool `homelab-kubernetes` of m720q's worker, with the base job template of
+  deploy/kubernetes/base-job-template.yaml (put back when the pool holds another: the worker, when it
+  starts first, creates the pool with prefect-kubernetes' default template);
 - the global concurrency limit `homelab-disruption` with exactly one slot, which every disruptive flow
   holds (strictly) while it touches a node: at most one node is disrupted at any instant, across flows;
 - the block types of `blocks` (Homelab, Kubernetes, Talos, Ceph, Proxmox, Git, Webhook);
@@ -13,12 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
+from typing import Any
 
+import yaml
 from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.actions import (
     GlobalConcurrencyLimitCreate,
     GlobalConcurrencyLimitUpdate,
     WorkPoolCreate,
+    WorkPoolUpdate,
 )
 from prefect.exceptions import ObjectNotFound
 
@@ -32,6 +39,10 @@ from deployments.notifications import (
 WORK_POOL = "homelab"
 WORK_POOL_TYPE = "process"
 DISRUPTION_LIMIT = "homelab-disruption"
+KUBERNETES_POOL = "homelab-kubernetes"
+KUBERNETES_POOL_TYPE = "kubernetes"
+# In the checkout `homelab setup` runs from (the process worker runs the deployments from one too).
+KUBERNETES_JOB_TEMPLATE = Path(__file__).resolve().parents[1] / "deploy/kubernetes/base-job-template.yaml"
 
 
 class SetupError(Exception):
@@ -56,6 +67,37 @@ async def ensure_work_pool(client: PrefectClient, name: str = WORK_POOL) -> Chan
             f"must run outside the cluster they change. Delete it (`prefect work-pool delete {name}`) "
             f"and run `homelab setup` again, or point the deployments at a process pool of another name")
     return Change("work pool", name, "unchanged", pool.type)
+
+
+def kubernetes_job_template(path: Path = KUBERNETES_JOB_TEMPLATE) -> dict[str, Any]:
+    try:
+        template = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise SetupError(f"{path}: cannot read the kubernetes pool's base job template ({e.strerror}); "
+                         f"run `homelab setup` from a checkout of the repository") from None
+    return {"job_configuration": template["job_configuration"], "variables": template["variables"]}
+
+
+async def ensure_kubernetes_pool(client: PrefectClient, name: str = KUBERNETES_POOL) -> Change:
+    """The in-cluster pool with this repository's job template. The template is compared as a whole: an
+    edit made in the UI is put back, since the Job's talosctl checksum and mounts live there."""
+    template = kubernetes_job_template()
+    try:
+        pool = await client.read_work_pool(name)
+    except ObjectNotFound:
+        await client.create_work_pool(WorkPoolCreate(
+            name=name, type=KUBERNETES_POOL_TYPE, base_job_template=template,
+            description="m720q's kubernetes worker: read-only and Flux flows only, as Jobs in namespace prefect."))
+        return Change("work pool", name, "created", KUBERNETES_POOL_TYPE)
+    if pool.type != KUBERNETES_POOL_TYPE:
+        raise SetupError(
+            f"work pool {name}: expected type {KUBERNETES_POOL_TYPE!r}, found {pool.type!r}; m720q's worker "
+            f"serves it as a kubernetes pool. Delete it (`prefect work-pool delete {name}`) and run "
+            f"`homelab setup` again")
+    if pool.base_job_template == template:
+        return Change("work pool", name, "unchanged", KUBERNETES_POOL_TYPE)
+    await client.update_work_pool(name, WorkPoolUpdate(base_job_template=template))
+    return Change("work pool", name, "updated", "base job template of deploy/kubernetes/base-job-template.yaml")
 
 
 async def ensure_disruption_limit(client: PrefectClient, name: str = DISRUPTION_LIMIT) -> Change:
@@ -101,11 +143,12 @@ async def ensure_block_types(client: PrefectClient) -> list[Change]:
 
 
 async def asetup(notify_block: str | None = None, *, work_pool: str = WORK_POOL,
-                 limit_name: str = DISRUPTION_LIMIT) -> list[Change]:
+                 limit_name: str = DISRUPTION_LIMIT, kubernetes_pool: str = KUBERNETES_POOL) -> list[Change]:
     """Bring the Prefect server at PREFECT_API_URL to the state the deployments need; returns what it did."""
     async with get_client() as client:
         changes = [await ensure_work_pool(client, work_pool), await ensure_disruption_limit(client, limit_name)]
         changes += await ensure_block_types(client)
+        changes.append(await ensure_kubernetes_pool(client, kubernetes_pool))
         if notify_block:
             block_id = await resolve_notification_block(client, notify_block)
             changes += await apply_automations(client, block_id)
@@ -113,9 +156,10 @@ async def asetup(notify_block: str | None = None, *, work_pool: str = WORK_POOL,
 
 
 def setup(notify_block: str | None = None, *, work_pool: str = WORK_POOL,
-          limit_name: str = DISRUPTION_LIMIT) -> list[Change]:
+          limit_name: str = DISRUPTION_LIMIT, kubernetes_pool: str = KUBERNETES_POOL) -> list[Change]:
     """Synchronous `asetup`, for the command line and scripts."""
-    return asyncio.run(asetup(notify_block, work_pool=work_pool, limit_name=limit_name))
+    return asyncio.run(asetup(notify_block, work_pool=work_pool, limit_name=limit_name,
+                              kubernetes_pool=kubernetes_pool))
 
 
 def cli(notify_block: str | None, work_pool: str = WORK_POOL) -> int:

@@ -5,6 +5,7 @@ or configuration)."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 import tempfile
@@ -47,6 +48,22 @@ def prefect_server_configured() -> bool:
     return bool(PREFECT_API_URL.value())
 
 
+# `--monitoring` of the command running now: every --twin command takes it, and sets it around its body.
+TWIN_MONITORING: contextvars.ContextVar[str] = contextvars.ContextVar("twin_monitoring", default="none")
+
+
+@contextlib.contextmanager
+def twin_monitoring(kind: str) -> Iterator[None]:
+    """`--monitoring none|real` for the twin the command starts (checked: a bad value is bad usage)."""
+    if kind not in ("none", "real"):
+        raise typer.BadParameter(f"--monitoring takes none or real, got {kind!r}")
+    token = TWIN_MONITORING.set(kind)
+    try:
+        yield
+    finally:
+        TWIN_MONITORING.reset(token)
+
+
 @contextlib.contextmanager
 def target(homelab: str, twin: bool, twin_state: str = "pre-upgrade", faults: list[str] | None = None,
            ceph: str = "sim", reboot_seconds: float | None = None) -> Iterator[str]:
@@ -62,7 +79,8 @@ def target(homelab: str, twin: bool, twin_state: str = "pre-upgrade", faults: li
     knobs = Knobs() if reboot_seconds is None else Knobs(reboot_seconds=reboot_seconds)
     with tempfile.TemporaryDirectory(prefix="homelab-twin-") as tmp:
         try:
-            sim = Twin(bundled_tree(), Path(tmp), state=twin_state, faults=list(faults or []), knobs=knobs, ceph=ceph)
+            sim = Twin(bundled_tree(), Path(tmp), state=twin_state, faults=list(faults or []), knobs=knobs, ceph=ceph,
+                       monitoring=TWIN_MONITORING.get())
         except ValueError as e:  # a bad --fault or --twin-state
             raise typer.BadParameter(str(e)) from None
         with sim:
@@ -94,6 +112,46 @@ def result_of(state: Any, failed: Callable[[str], dict[str, Any]]) -> dict[str, 
     if isinstance(data, ConfigError):
         raise data
     return failed(f"{type(data).__name__}: {data}" if isinstance(data, BaseException) else str(state.message))
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM (a process-group kill, a container stop) raises Prefect's TerminationSignal, as it does
+    inside a flow run, so the command ends through the same path, with its JSON line and no traceback."""
+    import signal
+
+    from prefect.exceptions import TerminationSignal
+
+    def raise_termination(signum: int, frame: Any) -> None:
+        raise TerminationSignal(signal=signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, raise_termination)
+    except ValueError:  # not the main thread: nothing to install
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def interrupted_result(error: BaseException, last: dict[str, Any] | None,
+                       failed: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    """The result to print when the flow call itself raised: the flow's own last word if it got that
+    far, else a failed (or, for a signal, cancelled) result naming what stopped it."""
+    from prefect.exceptions import TerminationSignal
+
+    stopped = isinstance(error, TerminationSignal | KeyboardInterrupt)
+    if last is not None and last.get("status") in ("failed", "cancelled", "completed"):
+        return last
+    res = failed(f"stopped by {'a signal' if stopped else type(error).__name__}: {error}"
+                 + ("; nothing more was started" if stopped else ""))
+    if stopped:
+        res["status"] = "cancelled"
+    if last is not None and last.get("noout"):
+        res["noout"] = last["noout"]
+    return res
 
 
 def config_errors_exit_2(fn: Callable[[], None]) -> None:

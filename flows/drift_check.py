@@ -180,6 +180,34 @@ def observe_ceph(block: Homelab, cluster: str) -> list[Finding]:
     return drift.compare_ceph(cluster, status, flags)
 
 
+@task(name="drift-monitoring", cache_policy=NO_CACHE)
+def observe_monitoring(block: Homelab, cluster: str) -> list[Finding]:
+    """The alerts firing in the cluster's Prometheus, and this project's silences left in its Alertmanager."""
+    from datetime import UTC, datetime
+
+    from homelab.monitoring import parse_matcher_sets, stale_silences
+    from tasks.monitoring import MonitoringClient, MonitoringError
+
+    mon = block.monitoring_for(cluster)
+    assert mon is not None
+    with MonitoringClient.from_block(mon) as client:
+        found: list[Finding] = []
+        try:
+            alerts = client.alerts()
+        except MonitoringError as e:
+            alerts = []
+            found.append(drift.unreachable("monitoring", cluster, "Prometheus", str(e),
+                                           "check the Monitoring block's prometheus_url and credentials"))
+        try:
+            now = datetime.now(UTC)
+            stale = stale_silences(client.silences(), now, mon.stale_silence_seconds)
+        except MonitoringError as e:
+            stale = []
+            found.append(drift.unreachable("monitoring", cluster, "Alertmanager", str(e),
+                                           "check the Monitoring block's alertmanager_url and credentials"))
+        return found + drift.compare_monitoring(cluster, alerts, parse_matcher_sets(mon.allowed_alerts), stale, now)
+
+
 # --- the flow ------------------------------------------------------------------------------------
 
 
@@ -207,6 +235,8 @@ def scan(block: Homelab, tree_root: Path, revision: str, only: str | None) -> Dr
             report.notes += part.notes
         if block.runs_ceph(name):
             report.findings += observe_ceph(block, name)
+        if block.monitoring_for(name) is not None:
+            report.findings += observe_monitoring(block, name)
     return report
 
 

@@ -1,10 +1,13 @@
 """Flow `flux-reconcile`: `flux reconcile ks --with-source` for a selection of Kustomizations, in
-dependsOn order, independent branches at the same time.
+dependsOn order, independent branches at the same time; and `flux reconcile hr [--force|--reset]` for
+named HelmReleases.
 
-The source (the GitRepository the selection's sourceRefs name) goes first. Then each Kustomization
-starts as soon as every one of ITS dependencies inside the selection has finished Ready, not wave by
-wave: a slow branch never holds back an unrelated one. A failed Kustomization fails the run and its
-dependents are not started; a suspended one is refused.
+The sources (the GitRepository, OCIRepository or Bucket the selection's sourceRefs name) go first; a
+source kind Flux cannot reconcile is an error that names it. Then each Kustomization starts as soon as
+every one of ITS dependencies inside the selection has finished Ready, not wave by wave: a slow branch
+never holds back an unrelated one. A dependency outside the selection that is not yet ready is waited
+for (tasks.flux). A failed Kustomization fails the run at once and its dependents are not started; a
+suspended one is refused.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from flows import _runtime
 from homelab.config import FluxKustomization, FluxTree, load_tree
 from homelab.problems import ConfigError, Problem
 from tasks import flux
+from tasks.kube import KubeError
 
 COMPLETED, FAILED = "completed", "failed"
 NOT_STARTED = "not-started"
@@ -95,10 +99,22 @@ def blocked_by(deps: dict[Key, set[Key]], failed: set[Key]) -> dict[Key, Key]:
 
 
 def sources_of(tree: FluxTree, keys: set[Key]) -> list[tuple[str, str, str]]:
-    """(kind, namespace, name) of every source the selection reads from; GitRepository first."""
+    """(kind, namespace, name) of every source the selection reads from, whatever its kind: one that
+    cannot be reconciled is reported by name, never left out."""
     found = {(tree.kustomizations[k].source_kind, tree.kustomizations[k].source_namespace,
               tree.kustomizations[k].source_name) for k in keys}
-    return sorted(s for s in found if s[2] and s[0] in flux.KINDS)
+    return sorted(s for s in found if s[2])
+
+
+def helmrelease_keys(names: Iterable[str] | None) -> list[Key]:
+    """HelmReleases named namespace/name (a bare name is looked for in flux-system)."""
+    keys = []
+    for n in names or []:
+        ns, _, name = n.strip().rpartition("/")
+        if not name or "/" in ns:
+            raise ConfigError([Problem("helmreleases", n, "name a HelmRelease as <namespace>/<name>")])
+        keys.append((ns or "flux-system", name))
+    return sorted(set(keys))
 
 
 def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -112,8 +128,11 @@ def table_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _row(ks: FluxKustomization, outcome: dict[str, Any] | None, message: str) -> dict[str, Any]:
     o = outcome or {}
-    return {"name": ks.name, "namespace": ks.namespace, "ready": bool(o.get("ready", False)),
-            "revision": o.get("revision"), "seconds": o.get("seconds"), "message": message or o.get("message", "")}
+    row = {"name": ks.name, "namespace": ks.namespace, "ready": bool(o.get("ready", False)),
+           "revision": o.get("revision"), "seconds": o.get("seconds"), "message": message or o.get("message", "")}
+    if o.get("waited_for"):
+        row["waited_for"] = list(o["waited_for"])  # dependencies outside the selection it waited for
+    return row
 
 
 def _outcome(future: Any) -> tuple[bool, dict[str, Any] | None, str]:
@@ -166,6 +185,18 @@ def reconcile_graph(kube: Any, tree: FluxTree, keys: set[Key], deadline: float,
     return [results[k] for k in ordered if k in results]
 
 
+def _source_row(kube: Any, kind: str, ns: str, name: str, deadline: float) -> dict[str, Any]:
+    """Reconcile one source as a task run; its row."""
+    if kind not in flux.KUSTOMIZATION_SOURCES and kind not in ("HelmRepository", "HelmChart"):
+        return {"kind": kind, "name": name, "namespace": ns, "ready": False, "revision": None, "seconds": None,
+                "message": f"flux reconcile: cannot reconcile source of kind {kind} ({ns}/{name}): Flux has no "
+                           f"reconcile for it; reconcile it where it is produced, or run without the source"}
+    fut = flux.reconcile_task.with_options(task_run_name=f"reconcile {name}").submit(kube, kind, ns, name, deadline)
+    ready, outcome, message = _outcome(fut)
+    return {"kind": kind, "name": name, "namespace": ns, "ready": ready, "revision": (outcome or {}).get("revision"),
+            "seconds": (outcome or {}).get("seconds"), "message": message}
+
+
 def reconcile_selection(kube: Any, tree: FluxTree, keys: set[Key], with_source: bool, deadline: float
                         ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(source rows, Kustomization rows): the sources first (when asked), then the Kustomizations
@@ -173,19 +204,65 @@ def reconcile_selection(kube: Any, tree: FluxTree, keys: set[Key], with_source: 
     source_rows: list[dict[str, Any]] = []
     if with_source:
         for kind, ns, name in sources_of(tree, keys):
-            fut = flux.reconcile_task.with_options(task_run_name=f"reconcile {name}").submit(
-                kube, kind, ns, name, deadline)
-            ready, outcome, message = _outcome(fut)
-            source_rows.append({"kind": kind, "name": name, "namespace": ns, "ready": ready,
-                                "revision": (outcome or {}).get("revision"),
-                                "seconds": (outcome or {}).get("seconds"), "message": message})
-            if not ready:
-                rows = [{**_row(ks, None, ""), "status": NOT_STARTED,
-                         "message": f"not started: source {kind} {ns}/{name} failed"}
-                        for wave in tree.order(keys) for ks in wave]
-                return source_rows, rows
+            source_rows.append(_source_row(kube, kind, ns, name, deadline))
+        failed = [r for r in source_rows if not r["ready"]]
+        if failed:
+            # Only what reads a failed source is held back; the rest goes on.
+            bad = {(r["kind"], r["namespace"], r["name"]) for r in failed}
+            held = {k for k in keys if (tree.kustomizations[k].source_kind, tree.kustomizations[k].source_namespace,
+                                        tree.kustomizations[k].source_name) in bad}
+            held = tree.dependents(held) & keys
+            rows = []
+            for k in sorted(held):
+                ks = tree.kustomizations[k]
+                rows.append({**_row(ks, None, ""), "status": NOT_STARTED,
+                             "message": f"not started: source {ks.source_kind} {ks.source_namespace}/{ks.source_name} "
+                                        f"failed" if (ks.source_kind, ks.source_namespace, ks.source_name) in bad
+                                        else "not started: a dependency reads a source that failed"})
+            rest = keys - held
+            if rest:
+                rows += reconcile_graph(kube, tree, rest, deadline, lambda ks: flux.reconcile_task.with_options(
+                    task_run_name=f"reconcile {ks.name}").submit(kube, "Kustomization", ks.namespace, ks.name,
+                                                                  deadline))
+            order = [ks.key for wave in tree.order(keys) for ks in wave]
+            rows.sort(key=lambda r: order.index((r["namespace"], r["name"])))
+            return source_rows, rows
     rows = reconcile_graph(kube, tree, keys, deadline, lambda ks: flux.reconcile_task.with_options(
         task_run_name=f"reconcile {ks.name}").submit(kube, "Kustomization", ks.namespace, ks.name, deadline))
+    return source_rows, rows
+
+
+def reconcile_helmreleases(kube: Any, keys: list[Key], with_source: bool, force: bool, reset: bool,
+                           deadline: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(source rows, HelmRelease rows): `flux reconcile hr [--with-source] [--force] [--reset]` for each,
+    one after the other (their HelmChart and its HelmRepository first when asked)."""
+    source_rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []
+    for ns, name in keys:
+        base = {"kind": "HelmRelease", "name": name, "namespace": ns, "revision": None, "seconds": None}
+        if with_source:
+            try:
+                chain = flux.sources_to_reconcile(kube, "HelmRelease", ns, name, deadline)
+            except (flux.FluxError, KubeError) as e:
+                rows.append({**base, "ready": False, "message": str(e)})
+                continue
+            failed = None
+            for kind, sns, sname in chain:
+                row = _source_row(kube, kind, sns, sname, deadline)
+                source_rows.append(row)
+                if not row["ready"]:
+                    failed = row
+                    break
+            if failed is not None:
+                rows.append({**base, "ready": False, "status": NOT_STARTED,
+                             "message": f"not started: source {failed['kind']} {failed['namespace']}/{failed['name']} "
+                                        f"failed"})
+                continue
+        fut = flux.reconcile_task.with_options(task_run_name=f"reconcile {name}").submit(
+            kube, "HelmRelease", ns, name, deadline, force=force, reset=reset)
+        ready, outcome, message = _outcome(fut)
+        rows.append({**base, "ready": ready, "revision": (outcome or {}).get("revision"),
+                     "seconds": (outcome or {}).get("seconds"), "message": "" if ready else message})
     return source_rows, rows
 
 
@@ -198,31 +275,45 @@ def flux_reconcile(
     homelab: Annotated[str, Field(description="The Homelab block to act on.")] = "default",
     cluster: Annotated[str, Field(description="The cluster whose Flux objects to reconcile (clusters/<cluster>/).")] = "m720q",
     kustomizations: Annotated[list[str] | None, Field(
-        description="Kustomization names (or namespace/name); empty: every Kustomization of the cluster's tree.")] = None,
+        description="Kustomization names (or namespace/name); empty: every Kustomization of the cluster's tree "
+                    "(none when HelmReleases are named).")] = None,
     with_source: Annotated[bool, Field(
-        description="Reconcile the GitRepository the Kustomizations read from first (flux reconcile --with-source).")] = True,
+        description="Reconcile the source each object reads from first (flux reconcile --with-source).")] = True,
     timeout_seconds: Annotated[float, Field(
         gt=0, description="Deadline of the whole run; a reconcile still waiting then fails with what it saw last.")] = 600.0,
+    helmreleases: Annotated[list[str] | None, Field(
+        description="HelmReleases to reconcile, as namespace/name (flux reconcile hr).")] = None,
+    force: Annotated[bool, Field(
+        description="HelmReleases: a one-off install or upgrade, even with retries exhausted (--force).")] = False,
+    reset: Annotated[bool, Field(
+        description="HelmReleases: reset the failure counts so retries start again (--reset).")] = False,
 ) -> dict[str, Any]:
-    """Reconcile Flux Kustomizations in dependsOn order, independent branches concurrently."""
+    """Reconcile Flux Kustomizations in dependsOn order, independent branches concurrently; and HelmReleases."""
     started_at = time.monotonic()
     deadline = started_at + timeout_seconds
     logger = get_run_logger()
     block = load_homelab(homelab)
     tree = load_tree(block.gitops_tree()).cluster(cluster).flux
-    keys = select(tree, kustomizations)
+    releases = helmrelease_keys(helmreleases)
+    if (force or reset) and not releases:
+        raise ConfigError([Problem("helmreleases", "force/reset",
+                                   "--force and --reset act on HelmReleases: name at least one")])
+    keys = select(tree, kustomizations) if kustomizations or not releases else set()
     with flux.kube_client(block, cluster) as kube:
-        source_rows, rows = reconcile_selection(kube, tree, keys, with_source, deadline)
-    ok = all(r["ready"] for r in source_rows + rows)
+        source_rows, rows = reconcile_selection(kube, tree, keys, with_source, deadline) if keys else ([], [])
+        hr_sources, hr_rows = reconcile_helmreleases(kube, releases, with_source, force, reset, deadline)
+    source_rows += hr_sources
+    ok = all(r["ready"] for r in source_rows + rows + hr_rows)
     result = {"status": COMPLETED if ok else FAILED, "cluster": cluster,
-              "sources": source_rows, "kustomizations": rows,
+              "sources": source_rows, "kustomizations": rows, "helmreleases": hr_rows,
               "seconds": round(time.monotonic() - started_at, 3)}
-    create_table_artifact(table=table_rows(source_rows) + table_rows(rows), key=f"flux-reconcile-{cluster}".lower(),
+    create_table_artifact(table=table_rows(source_rows) + table_rows(rows) + table_rows(hr_rows),
+                          key=f"flux-reconcile-{cluster}".lower(),
                           description=f"flux reconcile on {cluster}: {result['status']}")
-    for r in rows:
+    for r in rows + hr_rows:
         logger.info("%s: %s %s", r["name"], "Ready" if r["ready"] else r.get("status", "failed"), r["message"])
     if not ok:
-        failures = [r for r in source_rows + rows if not r["ready"] and r.get("status") != NOT_STARTED]
+        failures = [r for r in source_rows + rows + hr_rows if not r["ready"] and r.get("status") != NOT_STARTED]
         raise ReconcileRunFailed("; ".join(r["message"] for r in failures) or "flux reconcile failed", result)
     result["wall_seconds"] = round(time.monotonic() - started_at, 3)
     return result
@@ -243,7 +334,7 @@ def result_of(state: Any) -> dict[str, Any]:
 
 def summary(result: dict[str, Any]) -> str:
     lines = [f"flux reconcile: {result['status']}"]
-    for r in result.get("sources", []) + result.get("kustomizations", []):
+    for r in result.get("sources", []) + result.get("kustomizations", []) + result.get("helmreleases", []):
         state = "Ready" if r["ready"] else r.get("status", "failed")
         secs = f"{r['seconds']:.1f}s" if isinstance(r.get("seconds"), int | float) else ""
         lines.append(f"  {r['name']:<24} {state:<12} {secs:>7}  {r.get('revision') or ''}  {r.get('message') or ''}")
@@ -253,20 +344,32 @@ def summary(result: dict[str, Any]) -> str:
 
 
 def cli(names: list[str], all_: bool, no_source: bool, homelab: str, cluster: str, twin: bool, twin_state: str,
-        fault: list[str], as_json: bool) -> None:
+        fault: list[str], as_json: bool, helmreleases: list[str] | None = None, force: bool = False,
+        reset: bool = False) -> None:
     """`homelab reconcile`: exit 0 all Ready, 1 a reconcile failed or was refused, 2 bad usage or configuration."""
-    if not names and not all_:
-        typer.echo("homelab reconcile: name the Kustomizations to reconcile, or pass --all", err=True)
+    releases = list(helmreleases or [])
+    if not names and not all_ and not releases:
+        typer.echo("homelab reconcile: name the Kustomizations to reconcile (or --helmrelease NS/NAME), or pass --all",
+                   err=True)
         raise typer.Exit(2)
     if names and all_:
         typer.echo("homelab reconcile: give Kustomization names or --all, not both", err=True)
+        raise typer.Exit(2)
+    if (force or reset) and not releases:
+        typer.echo("homelab reconcile: --force and --reset act on HelmReleases: name them with --helmrelease NS/NAME",
+                   err=True)
         raise typer.Exit(2)
     _runtime.quiet_prefect()
     outcome: dict[str, Any] = {}
     with _runtime.target(homelab, twin, twin_state, fault) as block_name:
         def run() -> None:
-            state = flux_reconcile(homelab=block_name, cluster=cluster, kustomizations=list(names) or None,
-                                   with_source=not no_source, return_state=True)
+            wanted = list(names) or None
+            if all_ and releases:  # every Kustomization too, not only the HelmReleases
+                wanted = [f"{ns}/{n}" for ns, n in sorted(load_tree(load_homelab(block_name).gitops_tree())
+                                                         .cluster(cluster).flux.kustomizations)]
+            state = flux_reconcile(homelab=block_name, cluster=cluster, kustomizations=wanted,
+                                   with_source=not no_source, helmreleases=releases or None, force=force,
+                                   reset=reset, return_state=True)
             outcome.update(result_of(state))
 
         _runtime.config_errors_exit_2(run)

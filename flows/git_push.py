@@ -2,8 +2,9 @@
 
 Started by the deployment trigger on the webhook's `homelab.git.push` event. The changed paths come
 from the repository itself (before..after), the sender's list only when git cannot tell. Version
-changes in a talconfig.yaml start the upgrade deployment with approval required; a cluster.yaml change
-starts provision in plan mode. A markdown artifact says what was done and why.
+changes in a talconfig.yaml start the upgrade deployment with approval required (both versions at once:
+cluster-upgrade, Talos first, then Kubernetes); a cluster.yaml change starts provision in plan mode. A
+markdown artifact says what was done and why.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from blocks import load_homelab
 from flows._runtime import FlowFailed
 from flows.flux_reconcile import MAX_PARALLEL, NOT_STARTED, reconcile_selection
 from homelab import git_push as gp
+from homelab import safeyaml
 from homelab.config import load_talconfig, load_tree
+from homelab.problems import ConfigError, Problem
 from tasks import flux
 from tasks import git as gitrepo
 from tasks.kube import KubeError
@@ -41,25 +44,43 @@ def _versions(repo: gitrepo.Repo, commit: str, tree_path: str, cluster: str) -> 
     if gitrepo.is_zero(commit):
         return None
     tal, env = gp.talconfig_paths(tree_path, cluster)
-    text = repo.read_at(commit, tal)
+    text = _read_capped(repo, commit, tal)
     if text is None:
         return None
     with tempfile.TemporaryDirectory(prefix="homelab-talconfig-") as tmp:
         path = Path(tmp) / "talconfig.yaml"
         path.write_text(text)
-        env_text = repo.read_at(commit, env)
+        env_text = _read_capped(repo, commit, env)
         if env_text is not None:
             (Path(tmp) / "talenv.yaml").write_text(env_text)
         cfg = load_talconfig(path, f"{tal}@{commit[:12]}")
     return cfg.talos_version, cfg.kubernetes_version
 
 
+def _read_capped(repo: gitrepo.Repo, commit: str, path: str) -> str | None:
+    """A file of the pushed history, refused unread when larger than a tree file may be (a push can
+    commit any size; `git show` would hold it whole in this process)."""
+    size = repo.git("cat-file", "-s", f"{commit}:{path}", what=f"size of {path}", ok=(0, 128))
+    if size.returncode != 0:
+        return None
+    if int(size.stdout.strip() or 0) > safeyaml.MAX_FILE_BYTES:
+        raise ConfigError([Problem(f"{path}@{commit[:12]}", "(file)",
+                                   safeyaml.too_large(int(size.stdout.strip()), safeyaml.MAX_FILE_BYTES))])
+    return repo.read_at(commit, path)
+
+
 def _kustomization_texts(root: Path, files: list[str]) -> dict[str, str]:
+    """The kustomization files of the exported tree; one too large or not UTF-8 counts as unreadable
+    (its whole directory is then treated as applied, see homelab.git_push.coverage)."""
     out = {}
     for f in files:
         p = Path(f)
         if p.name in gp.KUSTOMIZATION_FILES:
-            out[str(p.parent) if str(p.parent) != "." else ""] = (root / f).read_text(errors="replace")
+            try:
+                text = safeyaml.read_text(root / f)
+            except safeyaml.YamlRefused:
+                text = "{unreadable"
+            out[str(p.parent) if str(p.parent) != "." else ""] = text
     return out
 
 
@@ -85,7 +106,8 @@ def git_push(
     before: Annotated[str, Field(description="The ref's commit before the push (all zeros: the ref is new).")],
     after: Annotated[str, Field(description="The ref's commit after the push (all zeros: the ref was deleted).")],
     changed_paths: Annotated[list[str] | str | None, Field(
-        description="Paths the sender says changed; used only when the repository cannot tell.")] = None,
+        description="Paths the sender says changed: shown beside git's own list when they differ, never "
+                    "used (the paths come from the repository at `after`).")] = None,
     homelab: Annotated[str, Field(description="The Homelab block to act on.")] = "default",
     timeout_seconds: Annotated[float, Field(gt=0, description="Deadline of all reconciles of this push.")] = 600.0,
 ) -> dict[str, Any]:
@@ -104,42 +126,59 @@ def git_push(
                                  description=f"git push {ref}: ignored")
         logger.info("ignored: %s", reason)
         return result
+    refusal = gp.repository_refusal(repository, block.git.allowed_repositories())
+    if refusal:
+        # An event of another repository came past the receiver (or was posted to Prefect directly):
+        # failing, not ignoring, makes it visible to the failure notifications.
+        raise GitPushFailed(refusal, {**result, "status": FAILED, "error": refusal})
     after = gitrepo.check_sha(after, "after")
     before = before if gitrepo.is_zero(before) else gitrepo.check_sha(before, "before")
     tree_path = block.git.tree_path.strip("/")
     repo = gitrepo.Repo.from_url(block.git.url)
-    sender_paths = gp.parse_changed_paths(changed_paths)
-    from_git = True
+    # The changed paths and the tree come only from this clone of the allowed repository, at `after`:
+    # never from the event, whose list a sender writes.
     try:
         repo.ensure_commits(*(s for s in (before, after) if not gitrepo.is_zero(s)))
+        head = repo.branch_head(block.git.branch)
+        if not repo.is_ancestor(after, head):
+            reason = (f"{after[:12]} is not on {block.git.branch} (whose head is {head[:12]}): a force push since, "
+                      f"or a commit of another branch; the push of {head[:12]} reconciles what Flux applies")
+            result.update(status=IGNORED, reason=reason)
+            create_markdown_artifact(f"## git push {repository} {ref}: ignored\n\n{reason}", key="git-push",
+                                     description=f"git push {ref}: ignored")
+            logger.info("ignored: %s", reason)
+            return result
         changed = repo.changed_paths(before, after)
         if gitrepo.is_zero(before):
             notes.append(f"{ref} is new (before is all zeros): every file of {after[:12]} counts as changed")
         elif not repo.is_ancestor(before, after):
             notes.append(f"force push: {before[:12]} is not an ancestor of {after[:12]}; the two trees are compared")
     except gitrepo.UnknownCommit as e:
-        if sender_paths is None:
-            raise GitPushFailed(str(e), {**result, "status": FAILED, "error": str(e)}) from None
-        from_git, changed = False, sender_paths
-        notes.append(f"{e}; using the {len(changed)} path(s) the sender listed instead")
+        raise GitPushFailed(str(e), {**result, "status": FAILED, "error": str(e)}) from None
     result["changed_paths"] = changed
+    sender_paths = gp.parse_changed_paths(changed_paths)
+    if sender_paths is not None and sorted(sender_paths) != sorted(changed):
+        notes.append(f"the event listed {len(sender_paths)} changed path(s), git {len(changed)}: git's list is used")
 
     with tempfile.TemporaryDirectory(prefix="homelab-push-") as tmp:
-        if from_git:
-            root = Path(tmp)
-            repo.export(after, tree_path, root)
-            all_files = repo.files_at(after, tree_path)
-        else:  # the commit is unknown: the block's checkout is the best picture of the tree
-            gitops = block.gitops_tree()
-            root = gitops.parents[len(Path(tree_path).parts) - 1] if tree_path else gitops
-            all_files = [str(p.relative_to(root)) for p in gitops.rglob("*") if p.is_file()]
-        tree = load_tree(root / tree_path if tree_path else root)
+        root = Path(tmp)
+        repo.export(after, tree_path, root)
+        all_files = repo.files_at(after, tree_path)
+        try:
+            tree = load_tree(root / tree_path if tree_path else root, tree_path or ".")
+        except ConfigError as e:  # a tree too broken to map; the problem lines say where
+            raise GitPushFailed(f"the tree at {after[:12]} does not load: {e}",
+                                {**result, "status": FAILED, "error": str(e)}) from None
+        if tree.problems:  # what does not load is left out of the mapping; the report says what and where
+            shown = "; ".join(str(p) for p in tree.problems[:5])
+            notes.append(f"{len(tree.problems)} problem(s) in the tree at {after[:12]} (`homelab validate` lists "
+                         f"them): {shown}")
         plan = gp.map_paths({c: cl.flux for c, cl in tree.clusters.items()}, changed,
                             _kustomization_texts(root, all_files), all_files)
 
     for cluster in sorted(tree.clusters):
         tal, env = gp.talconfig_paths(tree_path, cluster)
-        if from_git and (tal in changed or env in changed):
+        if tal in changed or env in changed:
             plan.deployments += gp.version_starts(cluster, _versions(repo, before, tree_path, cluster),
                                                   _versions(repo, after, tree_path, cluster), tal)
         cy = gp.cluster_yaml_path(tree_path, cluster)

@@ -4,24 +4,31 @@ the Talos upgrade; done when every kubelet reports the target."""
 
 from __future__ import annotations
 
+import shlex
 import time
 from typing import Annotated, Any
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Failed
+from prefect.states import Cancelled, Failed
 from pydantic import Field
 
+from flows._guard import (
+    RunStopped,
+    StepFailed,
+    checkpoint,
+    describe_interruption,
+    disruption_lock,
+    interrupted_status,
+)
 from flows.talos_upgrade import (
     Deadlines,
     DisruptionWatch,
     MaintenanceWindow,
-    StepFailed,
     Target,
     _table,
     default_snapshot_dir,
     deferred_result,
-    disruption_lock,
     observe_versions,
     preflight_task,
     result,
@@ -32,7 +39,8 @@ from homelab.upgrade import K8sPlan, PlanRefused, plan_kubernetes_upgrade
 from homelab.versions import parse_version
 from tasks.connect import Clients
 from tasks.kube import Kube, KubeError
-from tasks.talos import TalosError
+from tasks.lock import DisruptionLock
+from tasks.talos import TalosAborted, TalosError
 
 
 def observe(cl: Clients, target: Target) -> tuple[str, dict[str, str]]:
@@ -45,8 +53,11 @@ def observe(cl: Clients, target: Target) -> tuple[str, dict[str, str]]:
     return lowest, kubelets
 
 
-def plan_for(cl: Clients, target: Target, to: str | None) -> K8sPlan:
+def plan_for(cl: Clients, target: Target, to: str | None, talos_after: str | None = None) -> K8sPlan:
+    """``talos_after``: plan for the Talos version the cluster will run by then (a combined upgrade that
+    upgrades Talos first) instead of the lowest one it runs now."""
     talos, kubelets = observe(cl, target)
+    talos = talos_after or talos
     config = target.config
     desired = config.kubernetes_version if hasattr(config, "kubernetes_version") else config.cluster.kubernetes_version  # type: ignore[union-attr]
     cp_ip = target.control_planes[0][1]
@@ -64,9 +75,16 @@ def dry_run_task(cl: Clients, to: str, node: str, timeout_s: float) -> str:
 
 
 @task(name="upgrade-k8s", task_run_name="upgrade-k8s {to}", cache_policy=NO_CACHE, persist_result=False)
-def upgrade_task(cl: Clients, to: str, node: str, timeout_s: float) -> str:
+def upgrade_task(cl: Clients, to: str, node: str, timeout_s: float, lock: DisruptionLock) -> str:
+    checkpoint(lock, "(cluster)", f"`talosctl upgrade-k8s --to {to}`")
     try:
-        return cl.talos.upgrade_k8s(to.lstrip("v"), dry_run=False, node=node, timeout_s=timeout_s)
+        # Killed the moment the lock's ownership runs out: the call must not outlive the lease.
+        return cl.talos.upgrade_k8s(to.lstrip("v"), dry_run=False, node=node, timeout_s=timeout_s, abort=lock.abort)
+    except TalosAborted as e:
+        raise StepFailed("(cluster)", "lock lost", f"{e}: {lock.lost_reason}",
+                         "`talosctl upgrade-k8s` may have stopped half-way; make sure the worker reaches the "
+                         "Prefect server, then run again with the same target: upgrade-k8s continues where it "
+                         "stopped") from e
     except TalosError as e:
         raise StepFailed("(cluster)", "upgrade-k8s", str(e),
                          "`talosctl upgrade-k8s` can be run again with the same --to: it continues where it "
@@ -148,34 +166,47 @@ def _upgrade(cl: Clients, target: Target, to: str | None, dry_run: bool, require
         if not answer.approved:
             msg = f"the plan was rejected{': ' + answer.comment if answer.comment else ''}; nothing was changed"
             return Failed(message=msg, data=result("failed", plan.target, failed_rows, 0, "untouched", None, msg))
+    log = get_run_logger()
     watch = DisruptionWatch(cl.new_kube if not cl.in_cluster else Kube.in_cluster).start()
     outcome: dict[str, tuple[str, float]] = {}
     snapshot = None
+    lock: DisruptionLock | None = None
     try:
-        with disruption_lock(deadlines.lock):
+        with disruption_lock(deadlines.lock, log) as lock:
             plan = plan_for(cl, target, to)
             if plan.action == "skip":
                 watch.stop()
-                return result("completed", plan.target, _rows(plan, {}, False), 0, "untouched", None, None)
+                return result("completed", plan.target, _rows(plan, {}, False), 0, "untouched", None, None,
+                              lock=lock.record())
             preflight_task(cl, target, [], node="(all nodes)")
             snap_from = target.control_planes[0][0]
             snapshot = snapshot_task(cl, target, snapshot_dir, node=snap_from)
             t0 = time.monotonic()
-            upgrade_task(cl, to=plan.target, node=cp_ip, timeout_s=deadlines.upgrade)
+            upgrade_task(cl, to=plan.target, node=cp_ip, timeout_s=deadlines.upgrade, lock=lock)
             deadline = time.monotonic() + deadlines.node_ready
             for name in plan.behind:
                 outcome[name] = ("failed", 0.0)
                 kubelet_task(cl, node=name, to=plan.target, deadline=deadline)
                 outcome[name] = ("upgraded", time.monotonic() - t0)
-    except (StepFailed, PlanRefused) as e:
+    except BaseException as e:  # a refused gate, a lost lock, a cancel, SIGTERM, a crash: one ending for all
         watch.stop()
-        msg = str(e)
-        return Failed(message=msg, data=result("failed", plan.target, _rows(plan, outcome, False),
-                                               watch.max_disrupted, "untouched", snapshot, msg))
+        status = interrupted_status(e)
+        if isinstance(e, StepFailed | PlanRefused):
+            msg = str(e)
+        else:
+            msg = str(RunStopped("(cluster)", "interrupted", describe_interruption(e, target.name),
+                                 "check the control plane (`talosctl health`), then run again with the same target"))
+            log.error(msg)
+        rows = _rows(plan, outcome, False)
+        _table(rows, f"kubernetes-upgrade-outcome-{target.name}", f"Outcome ({status})")
+        data = result(status, plan.target, rows, watch.max_disrupted, "untouched", snapshot, msg,
+                      lock=lock.record() if lock else None)
+        return Cancelled(message=msg, data=data) if status == "cancelled" else Failed(message=msg, data=data)
     watch.stop()
     rows = _rows(plan, outcome, False)
     _table(rows, f"kubernetes-upgrade-outcome-{target.name}", "Outcome")
-    return result("completed", plan.target, rows, watch.max_disrupted, "untouched", snapshot, None)
+    return result("completed", plan.target, rows, watch.max_disrupted, "untouched", snapshot, None,
+                  lock=lock.record() if lock else None)
 
 
 def summary(res: dict[str, Any]) -> str:
@@ -183,8 +214,8 @@ def summary(res: dict[str, Any]) -> str:
     for n in res.get("nodes") or []:
         lines.append(f"  {n['name']:<20} kubelet {n['from']} -> {n['to']}  {n['action']}")
     if res.get("plan"):
-        lines.append("  $ " + " ".join(res["plan"]["dry_run_argv"]) + "   (passed)")
-        lines.append("  $ " + " ".join(res["plan"]["argv"]))
+        lines.append("  $ " + shlex.join(res["plan"]["dry_run_argv"]) + "   (passed)")
+        lines.append("  $ " + shlex.join(res["plan"]["argv"]))
     lines.append(f"  etcd snapshot: {res.get('etcd_snapshot') or '-'}")
     if res.get("error"):
         lines.append(f"  {res['error']}")

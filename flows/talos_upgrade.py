@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,15 +26,26 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Failed
 from pydantic import BaseModel, Field
 
+from flows import _monitoring
+from flows._guard import (
+    RunStopped,
+    StepFailed,
+    checkpoint,
+    describe_interruption,
+    disruption_lock,
+    interrupted_status,
+    last_result,
+    remember,
+)
 from homelab import ceph_gate
 from homelab.config import ProxmoxCluster, TalConfig, load_tree
 from homelab.gates import NodeView, Verdict
+from homelab.monitoring import MonitoringGates
 from homelab.upgrade import (
     PlanRefused,
     TalosPlan,
     _members,
     etcd_gate,
-    failure_message,
     flux_gate,
     nodes_gate,
     plan_talos_upgrade,
@@ -44,12 +56,9 @@ from homelab.window import Window, WindowError, current_opening, next_open
 from tasks.ceph import CephError
 from tasks.connect import Clients, connect
 from tasks.kube import Kube, KubeError, ready_and_schedulable
-from tasks.talos import TalosError
+from tasks.lock import DisruptionLock
+from tasks.talos import TalosAborted, TalosError
 
-LOCK_NAME = "homelab-disruption"
-# The server refuses leases shorter than 60 s; a killed holder's slot frees when its lease runs out
-# (plus one pass of the server's lease reaper).
-LEASE_SECONDS = 60
 POLL_S = 0.25
 KS_GROUP = "kustomize.toolkit.fluxcd.io"
 
@@ -85,14 +94,6 @@ class Deadlines(BaseModel):
 
 
 # --- failures ---------------------------------------------------------------------------------
-
-
-class StepFailed(Exception):
-    """A gate or step refused: which node, which gate, what was seen last, what to do next."""
-
-    def __init__(self, node: str, gate: str, last_seen: str, next_step: str):
-        self.node, self.gate, self.last_seen, self.next_step = node, gate, last_seen, next_step
-        super().__init__(failure_message(node, gate, last_seen, next_step))
 
 
 def _mark(node: str, step: str) -> None:
@@ -180,47 +181,6 @@ class DisruptionWatch:
 
 
 # --- the lock ---------------------------------------------------------------------------------
-
-
-def ensure_lock_limit(name: str = LOCK_NAME) -> None:
-    """Create the global concurrency limit (1 slot) unless it exists; safe to race."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.exceptions import ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-            return
-        except ObjectNotFound:
-            pass
-        try:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-        except Exception:
-            client.read_global_concurrency_limit_by_name(name)  # another run created it meanwhile
-
-
-@contextlib.contextmanager
-def disruption_lock(timeout_s: float) -> Iterator[None]:
-    """Hold `homelab-disruption` (strict: a missing limit is an error, never a silent pass)."""
-    from prefect.concurrency.sync import concurrency
-
-    ensure_lock_limit()
-    try:
-        ctx = concurrency(LOCK_NAME, occupy=1, strict=True, timeout_seconds=timeout_s, lease_duration=LEASE_SECONDS)
-        ctx.__enter__()
-    except TimeoutError:
-        raise StepFailed("(all nodes)", "lock", f"the global concurrency limit {LOCK_NAME} stayed taken for "
-                         f"{timeout_s:g} s (another disruptive run holds it)",
-                         "wait for that run to finish (Prefect UI: Concurrency) and run again; a killed "
-                         f"holder's slot comes free within {LEASE_SECONDS} s") from None
-    try:
-        yield
-    except BaseException as e:
-        ctx.__exit__(type(e), e, e.__traceback__)
-        raise
-    else:
-        ctx.__exit__(None, None, None)
 
 
 # --- small waits ------------------------------------------------------------------------------
@@ -331,6 +291,17 @@ def flux_verdict(cl: Clients) -> Verdict:
         if e.status == 404:
             return Verdict(True, "no Flux Kustomizations in this cluster")
         return Verdict(False, f"Flux Kustomizations not readable: {e}")
+    from homelab.upgrade import is_rook_ceph
+    from tasks import flux
+
+    # A Kustomization whose last attempt failed keeps Reconciling=True (ProgressingWithRetry) and will
+    # never "finish" by waiting: say that it fails, and with what, instead of "wait for it".
+    failing = [k for k in items if is_rook_ceph(k) and flux.attempt(k) is flux.Attempt.FAILED]
+    if failing:
+        names = "; ".join(f"{(k.get('metadata') or {}).get('namespace', 'flux-system')}/"
+                          f"{(k.get('metadata') or {}).get('name')} failed: '{flux.failure_message(k)}'" for k in failing)
+        return Verdict(False, f"Flux cannot apply rook-ceph: {names}; fix the manifests in git and reconcile it "
+                              f"(flux get ks), then run again: the controller only retries the same failure")
     return flux_gate(items)
 
 
@@ -338,7 +309,9 @@ def ceph_clean_verdict(cl: Clients, tolerated: frozenset[str] = frozenset()) -> 
     if cl.ceph is None:
         return Verdict(True, "no Ceph in this cluster")
     try:
-        return cl.ceph.clean(tolerated)
+        # A noout that an interrupted talos-upgrade run left set on this cluster is this flow's own (its
+        # owner record says so): tolerated, so that the rerun carries on. Anyone else's refuses, named.
+        return cl.ceph.clean(tolerated, own_noout=("talos-upgrade", cl.cluster))
     except CephError as e:
         return Verdict(False, f"Ceph not readable: {e}")
 
@@ -384,66 +357,94 @@ def snapshot_task(cl: Clients, target: Target, directory: str, node: str) -> str
 
 
 @_t("ok-to-stop")
-def ok_to_stop_task(cl: Clients, node: str) -> list[int]:
+def ok_to_stop_task(cl: Clients, node: str, deadline_s: float = 180.0) -> list[int]:
+    """Ceph's word before the node goes down: its mons (quorum, `mon ok-to-stop`), the mgrs, its OSDs
+    (`osd ok-to-stop`), and the cluster otherwise clean. "Not yet" answers (EAGAIN while PG states are
+    unknown after a mgr failover, no active mgr) are asked again within ``deadline_s``, longer than
+    Ceph's 30 s mgr beacon grace; a "no" refuses at once."""
+    from tasks.ceph import CephWaitTimeout
+
     _mark(node, "ok-to-stop")
     assert cl.ceph is not None
+    ceph = cl.ceph
+    log = get_run_logger()
+    try:
+        items, _ = cl.kube.list_objects("", "v1", "nodes", timeout_s=10)
+    except KubeError as e:
+        raise StepFailed(node, "ceph ok-to-stop", f"Nodes not readable: {e}", "check the Kubernetes API and "
+                         "run again; nothing was changed on this node") from e
+    # Rook names a node's CRUSH host after its kubernetes.io/hostname label (ceph_gate.crush_host_name).
+    labels = {str(o["metadata"]["name"]): str((o["metadata"].get("labels") or {}).get("kubernetes.io/hostname", ""))
+              for o in items}
+
+    def waiting(v: Verdict) -> None:
+        log.warning(f"{node}: Ceph cannot answer yet, asking again: {v.reason}")
+
     with ThreadPoolExecutor(1) as pool:
         clean_now = pool.submit(ceph_clean_verdict, cl)  # the otherwise-healthy check, meanwhile
         try:
-            osds = cl.ceph.osds_of(node)
-            answer = cl.ceph.ok_to_stop(osds) if osds else ceph_gate.OkToStop(False, ())
+            gate = ceph.node_gate(node, labels, time.monotonic() + deadline_s, on_wait=waiting)
+        except CephWaitTimeout as e:
+            raise StepFailed(node, "ceph ok-to-stop", str(e), "nothing was changed on this node; check "
+                             "`ceph mgr stat` and `ceph pg stat`, then run again") from e
         except (CephError, ValueError) as e:
             raise StepFailed(node, "ceph ok-to-stop", str(e), "check `ceph -s` and run again") from e
         clean = clean_now.result()
-    verdict = ceph_gate.ok_to_stop_verdict(answer, osds, node)
-    if not verdict.ok:
-        raise StepFailed(node, "ceph ok-to-stop", verdict.reason, "nothing was changed on this node; "
+    if not gate.ok:
+        raise StepFailed(node, "ceph ok-to-stop", gate.reason, "nothing was changed on this node; "
                          "wait until Ceph is clean (`ceph -s`) and run again")
+    if gate.waited:
+        clean = ceph_clean_verdict(cl)  # the first reading is as old as the wait
     if not clean.ok:
         raise StepFailed(node, "ceph clean before the node", clean.reason,
                          "nothing was changed on this node; run again once Ceph is clean")
-    return osds
+    log.info(f"{node}: {gate.reason}")
+    return list(gate.osds)
 
 
 @_t("set-noout")
 def set_noout_task(cl: Clients, node: str) -> None:
+    from prefect.runtime import flow_run
+
     _mark(node, "set-noout")
     assert cl.ceph is not None
+    # Recorded in the cluster (config-key homelab/noout-owner), where an operator sees who holds noout
+    # and a rerun after an interruption knows the flag for its own.
+    owner = ceph_gate.NooutOwner(flow="talos-upgrade", flow_run_id=str(flow_run.id or "unknown"),
+                                 cluster=cl.cluster, node=node)
     try:
-        cl.ceph.set_flag("noout")
+        cl.ceph.set_noout(owner)
     except CephError as e:
-        raise StepFailed(node, "set noout", str(e), "check `ceph osd dump | grep flags`; run again") from e
+        raise StepFailed(node, "set noout", str(e), "check `ceph osd dump | grep flags` and `ceph config-key "
+                         f"get {ceph_gate.NOOUT_OWNER_KEY}`; run again") from e
+    get_run_logger().info(f"noout set for {node}, recorded as {owner.describe()} under config-key "
+                          f"{ceph_gate.NOOUT_OWNER_KEY}")
 
 
 @_t("unset-noout")
 def unset_noout_task(cl: Clients, node: str) -> None:
     _mark(node, "unset-noout")
     assert cl.ceph is not None
-    cl.ceph.unset_flag("noout")
+    cl.ceph.unset_noout()  # the flag, verified, then its owner record
 
 
 def _run_hook(command: str, node: str, ip: str, timeout_s: float, kind: str) -> None:
-    from prefect_shell import ShellOperation
+    from prefect.runtime import flow_run
 
-    # The node travels in the environment, never inside the command text.
-    op = ShellOperation(commands=[command], env={"HOMELAB_NODE": node, "HOMELAB_NODE_IP": ip}, stream_output=False)
-    box: dict[str, BaseException] = {}
+    from blocks import load_homelab
+    from tasks import hooks
 
-    def run() -> None:
-        try:
-            op.run()
-        except BaseException as e:
-            box["error"] = e
-
-    t = threading.Thread(target=run, name=f"hook-{kind}-{node}", daemon=True)
-    t.start()
-    t.join(timeout_s)
-    if t.is_alive():
-        raise StepFailed(node, f"{kind}-hook", f"the hook did not finish within {timeout_s:g} s",
-                         "fix the hook of the Homelab block (it must end) and run again")
-    if "error" in box:
-        raise StepFailed(node, f"{kind}-hook", f"the hook failed: {str(box['error'])[-300:]}",
-                         "fix the hook of the Homelab block and run again")
+    # The hook's extra variables live in the Homelab block this run acts on (its `homelab` parameter);
+    # the hook sees them, PATH, HOME and the node, never the worker's environment (tasks/hooks.py).
+    block_name = flow_run.parameters.get("homelab")
+    extra = load_homelab(block_name).hook_env_values() if block_name else {}
+    try:
+        hooks.run_hook(command, kind=kind, node=node, ip=ip, deadline_s=timeout_s, extra_env=extra,
+                       log=get_run_logger())
+    except hooks.HookConfigError as e:
+        raise StepFailed(node, f"{kind}-hook", str(e), "fix hook_env or PATH in the Homelab block and run again") from None
+    except hooks.HookError as e:
+        raise StepFailed(node, f"{kind}-hook", e.reason, e.next_step) from None
 
 
 @_t("pre-hook")
@@ -460,10 +461,16 @@ def post_hook_task(command: str, node: str, ip: str, timeout_s: float) -> None:
 
 @_t("upgrade")
 def upgrade_task(cl: Clients, argv: list[str], node: str, ip: str, timeout_s: float, target: str,
-                 before: str) -> None:
+                 before: str, lock: DisruptionLock) -> None:
     _mark(node, "upgrade")
+    checkpoint(lock, node, f"`talosctl upgrade` of {node}")
     try:
-        cl.talos.run(argv[1:], timeout_s=timeout_s + 30)
+        # Killed the moment the lock's ownership runs out: the call must not outlive the lease.
+        cl.talos.run(argv[1:], timeout_s=timeout_s + 30, abort=lock.abort)
+    except TalosAborted as e:
+        raise StepFailed(node, "lock lost", f"{e}: {lock.lost_reason}",
+                         f"the node may still be upgrading: watch `talosctl -n {ip} dmesg -f` until it is back, "
+                         f"make sure the worker reaches the Prefect server, then run again") from e
     except TalosError as e:
         raise StepFailed(node, "talosctl upgrade", f"{e}",
                          f"the node is expected back at {before}; check `talosctl -n {ip} dmesg` and the "
@@ -564,13 +571,19 @@ def node_rows(plan: TalosPlan | None, outcome: dict[str, tuple[str, float]], pla
             action, secs = outcome.get(s.hostname, ("not-started", 0.0))
         rows.append({"name": s.hostname, "from": s.current, "to": s.target, "action": action,
                      "seconds": round(secs, 3)})
+        if not planned and _monitoring.current() is not None:
+            rows[-1]["health"] = _monitoring.health_cell(s.hostname)  # the health queries after the node
     return rows
 
 
 def result(status: str, target: str | None, nodes: list[dict[str, Any]], max_disrupted: int, noout: str,
-           snapshot: str | None, error: str | None, plan: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"status": status, "target_version": target, "nodes": nodes, "max_disrupted": max_disrupted,
-            "noout": noout, "etcd_snapshot": snapshot, "error": error, "plan": plan}
+           snapshot: str | None, error: str | None, plan: dict[str, Any] | None = None,
+           lock: dict[str, Any] | None = None, silences: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """The result of an upgrade run; `noout` is what the run left: untouched, unset or left-set; `silences`
+    the Alertmanager silences it made ({id, node, state}: expired, or left to end by itself)."""
+    return remember({"status": status, "target_version": target, "nodes": nodes, "max_disrupted": max_disrupted,
+            "noout": noout, "etcd_snapshot": snapshot, "error": error, "plan": plan, "lock": lock,
+            "silences": list(silences or [])})
 
 
 def _table(rows: list[dict[str, Any]], key: str, description: str) -> None:
@@ -632,6 +645,8 @@ def talos_upgrade(
     run_now: Annotated[bool, Field(description="Run now even outside the maintenance window.")] = False,
     deadlines: Annotated[Deadlines, Field(description="Deadline of each step, in seconds.")] = Deadlines(),
     snapshot_dir: Annotated[str | None, Field(description="Where the etcd snapshot goes (default ~/.local/state/homelab/etcd-snapshots).")] = None,
+    # Read where the gates run (flows._monitoring, from this run's parameters), like the hooks' block name.
+    monitoring: Annotated[MonitoringGates | None, Field(description="This run's overrides of the Monitoring block's gates: allowed alerts, health queries, alert gate deadline, or off.")] = None,
 ) -> Any:
     """Upgrade Talos one node at a time, never losing etcd quorum or Ceph availability."""
     _mark("(flow)", "start")
@@ -655,12 +670,15 @@ def _talos_upgrade(homelab: str, cluster: str | None, to: str | None, nodes: lis
 
 
 def deferred_result(window: MaintenanceWindow | None, run_now: bool, dry_run: bool, to: str | None) -> Any:
-    """The "deferred" result when the maintenance window is closed (a dry run is never deferred)."""
-    deferral = None if dry_run else window_deferral(window, run_now)
-    if not deferral:
+    """The "deferred" result when the maintenance window is closed (a dry run is never deferred); the same
+    work goes into the next opening (flows.window), and the result says when and where."""
+    from flows import window as maintenance
+
+    deferral = maintenance.defer(window.window() if window is not None else None, run_now, dry_run)
+    if deferral is None:
         return None
-    get_run_logger().warning(deferral)
-    return result("deferred", to, [], 0, "untouched", None, deferral)
+    get_run_logger().warning(deferral.message)
+    return {**result("deferred", to, [], 0, "untouched", None, deferral.message), **deferral.fields()}
 
 
 @contextlib.contextmanager
@@ -701,7 +719,7 @@ def _upgrade(cl: Clients, block: Any, target: Target, to: str | None, nodes: lis
         _table(plan.to_rows(), f"talos-upgrade-plan-{target.name}", f"Plan: Talos {plan.target} on {target.name}")
         if dry_run:
             return result("planned", plan.target, node_rows(plan, {}, True), 0, "untouched", None, None,
-                          plan.to_dict())
+                          {**plan.to_dict(), "monitoring": _monitoring.plan_line(block, cl.cluster, cl.ceph is not None)})
         if not plan.to_upgrade:
             return result("completed", plan.target, node_rows(plan, {}, False), 0, "untouched", None, None)
         try:
@@ -712,22 +730,26 @@ def _upgrade(cl: Clients, block: Any, target: Target, to: str | None, nodes: lis
         from flows.approval import request_approval
 
         log.warning("waiting for approval of the plan: homelab approve <this flow run's id> (or Resume in the UI)")
-        answer = request_approval(_markdown_plan(plan), timeout_s=int(deadlines.approval))
+        answer = request_approval(_markdown_plan(plan) + "\n\n" + _monitoring.plan_line(block, cl.cluster,
+                                                                                          cl.ceph is not None),
+                                  timeout_s=int(deadlines.approval))
         if not answer.approved:
             msg = f"the plan was rejected{': ' + answer.comment if answer.comment else ''}; nothing was changed"
             return Failed(message=msg, data=result("failed", plan.target, node_rows(plan, {}, False), 0, "untouched",
                                                    None, msg))
 
     outcome: dict[str, tuple[str, float]] = {}
-    noout = "untouched"
+    flag = {"noout": "untouched"}
     snapshot: str | None = None
+    lock: DisruptionLock | None = None
     watch = DisruptionWatch(cl.new_kube if not cl.in_cluster else Kube.in_cluster).start()
     progress = None
     with contextlib.suppress(Exception):
         progress = create_progress_artifact(0.0, key=f"talos-upgrade-progress-{target.name}",
                                             description=f"Nodes of {target.name} upgraded")
+    current = "(all nodes)"
     try:
-        with disruption_lock(deadlines.lock):
+        with disruption_lock(deadlines.lock, log) as lock:
             # Read the versions under the lock: another run may have finished nodes meanwhile.
             try:
                 plan = _plan(cl, target, to, nodes, images, allow_minor_skip, allow_downgrade, deadlines)
@@ -749,43 +771,67 @@ def _upgrade(cl: Clients, block: Any, target: Target, to: str | None, nodes: lis
                 if s.action == "skip":
                     done += 1
                     continue
+                current = s.hostname
                 t0 = time.monotonic()
                 outcome[s.hostname] = ("failed", 0.0)
-                flag = {"noout": noout}
                 try:
-                    _one_node(cl, block, target, plan, s, deadlines, watch, flag)
-                except StepFailed as e:
-                    outcome[s.hostname] = ("failed", time.monotonic() - t0)
-                    noout = _after_failure(cl, target, flag["noout"], e, log)
-                    raise
-                noout = flag["noout"]
+                    _one_node(cl, block, target, plan, s, deadlines, watch, flag, lock)
+                finally:
+                    outcome[s.hostname] = (outcome[s.hostname][0], time.monotonic() - t0)
                 outcome[s.hostname] = ("upgraded", time.monotonic() - t0)
+                current = "(all nodes)"
                 done += 1
                 if progress is not None:
                     with contextlib.suppress(Exception):
                         update_progress_artifact(cast(UUID, progress), 100.0 * done / len(plan.steps))
                 if pause_seconds and any(x.action == "upgrade" and x.hostname not in outcome for x in plan.steps):
                     time.sleep(pause_seconds)  # pacing chosen by the operator, not a wait for a condition
-    except StepFailed as e:
-        watch.stop()
-        assert plan is not None
-        msg = str(e) if noout != "left-set" else (
-            f"{e}. noout is left set on purpose because not every node is up; "
-            f"`ceph osd unset noout` once they are")
-        rows = node_rows(plan, outcome, False)
-        _table(rows, f"talos-upgrade-outcome-{target.name}", "Outcome (failed)")
-        return Failed(message=msg, data=result("failed", plan.target, rows, watch.max_disrupted, noout, snapshot, msg))
+    except BaseException as e:  # a refused gate, a lost lock, a cancel, SIGTERM, a crash: one ending for all
+        return _ended_early(cl, target, plan, outcome, flag["noout"], snapshot, watch, lock, e, current, log)
     watch.stop()
     assert plan is not None
     rows = node_rows(plan, outcome, False)
     _table(rows, f"talos-upgrade-outcome-{target.name}", "Outcome")
-    return result("completed", plan.target, rows, watch.max_disrupted, noout, snapshot, None)
+    return result("completed", plan.target, rows, watch.max_disrupted, flag["noout"], snapshot, None,
+                  lock=lock.record() if lock else None, silences=_monitoring.end_of_run(log))
+
+
+def _ended_early(cl: Clients, target: Target, plan: TalosPlan | None, outcome: dict[str, tuple[str, float]],
+                 noout: str, snapshot: str | None, watch: DisruptionWatch, lock: DisruptionLock | None,
+                 error: BaseException, node: str, log: Any) -> Any:
+    """The ending of a run that did not finish: the noout rule, the outcome artifact, a final state the
+    notifications cover (Failed or Cancelled) and the result dict, whatever stopped it."""
+    from prefect.states import Cancelled
+
+    watch.stop()
+    status = interrupted_status(error)
+    failure = error if isinstance(error, StepFailed) else None
+    if failure is None:
+        where = f"{target.name} at {node}"
+        log.error(describe_interruption(error, where))
+        failure = RunStopped(node, "interrupted", describe_interruption(error, where),
+                             "check the node and `ceph -s`, then run again: finished nodes are not repeated")
+    noout = _after_failure(cl, target, noout, failure, log)
+    msg = str(failure) if noout != "left-set" else (
+        f"{failure}. noout is left set on purpose because not every node is up; "
+        f"`ceph osd unset noout` once they are")
+    rows = node_rows(plan, outcome, False)
+    _table(rows, f"talos-upgrade-outcome-{target.name}", f"Outcome ({status})")
+    # Whatever stopped the run, the silences it made end now; one that cannot be expired ends by itself.
+    silences = _monitoring.end_of_run(log)
+    if any(x["state"] == "left" for x in silences):
+        msg += "; a silence could not be expired and ends by itself (see the result's silences)"
+    data = result(status, plan.target if plan else None, rows, watch.max_disrupted, noout, snapshot, msg,
+                  lock=lock.record() if lock else None, silences=silences)
+    return Cancelled(message=msg, data=data) if status == "cancelled" else Failed(message=msg, data=data)
 
 
 def _one_node(cl: Clients, block: Any, target: Target, plan: TalosPlan, s: Any, deadlines: Deadlines,
-              watch: DisruptionWatch, flag: dict[str, str]) -> None:
+              watch: DisruptionWatch, flag: dict[str, str], lock: DisruptionLock) -> None:
     """One node from ok-to-stop to its post-hook; ``flag["noout"]`` follows what this run did to noout."""
     node, ip = s.hostname, s.ip
+    checkpoint(lock, node, f"the gates of {node}")
+    _monitoring.before_node(block, cl.cluster, cl.ceph is not None, node, _mark)
     gate = nodes_verdict(cl, target, watch)
     if not gate.ok:
         raise StepFailed(node, "all nodes Ready", gate.reason, "nothing was changed on this node; run again once "
@@ -793,16 +839,20 @@ def _one_node(cl: Clients, block: Any, target: Target, plan: TalosPlan, s: Any, 
     v = self_node_gate(os.environ.get("NODE_NAME"), node)
     if not v.ok:
         raise StepFailed(node, "not the node this run executes on", v.reason, "run the flow from another node")
+    _monitoring.silence_node(block, cl.cluster, cl.ceph is not None, node, ip, _monitoring.node_deadline_s(deadlines),
+                             _mark)
     osds: list[int] = []
     if cl.ceph is not None:
         osds = ok_to_stop_task(cl, node=node)
+        checkpoint(lock, node, f"setting noout for {node}")
         set_noout_task(cl, node=node)
         flag["noout"] = "set"
     if block.pre_node_hook:
+        checkpoint(lock, node, f"the pre-hook of {node}")
         pre_hook_task(block.pre_node_hook, node=node, ip=ip, timeout_s=deadlines.hook)
     with watch.disrupting(node):
         upgrade_task(cl, list(s.argv), node=node, ip=ip, timeout_s=deadlines.upgrade, target=plan.target,
-                     before=s.current)
+                     before=s.current, lock=lock)
         verify_version_task(cl, node=node, ip=ip, target=plan.target, deadline_s=deadlines.node_ready)
         wait_ready_task(cl, node=node, ip=ip, target=plan.target, deadline_s=deadlines.node_ready)
     etcd_healthy_task(cl, target, node=node, deadline_s=deadlines.etcd)
@@ -814,8 +864,11 @@ def _one_node(cl: Clients, block: Any, target: Target, plan: TalosPlan, s: Any, 
             raise StepFailed(node, "unset noout", str(e), "unset it by hand: ceph osd unset noout") from e
         flag["noout"] = "unset"
         ceph_clean_task(cl, node=node, deadline_s=deadlines.ceph_clean, tolerated=[])
+    _monitoring.node_passed(node, _mark)
     if block.post_node_hook:
+        checkpoint(lock, node, f"the post-hook of {node}")
         post_hook_task(block.post_node_hook, node=node, ip=ip, timeout_s=deadlines.hook)
+    _monitoring.after_node(node, _mark)
     _mark(node, "done")
 
 
@@ -831,12 +884,15 @@ def _after_failure(cl: Clients, target: Target, noout: str, error: StepFailed, l
         osds_ok = False
     if gate.ok and osds_ok:
         try:
-            cl.ceph.unset_flag("noout")
+            cl.ceph.unset_noout()
             return "unset"
         except CephError as e:
             log.error(f"unsetting noout after the failure failed: {e}")
             return "left-set"
-    log.error(f"noout left set on purpose: {gate.reason if not gate.ok else 'not every OSD is up'}")
+    # Its owner record stays with it: a rerun recognises the flag as its own and carries on.
+    log.error(f"noout left set on purpose: {gate.reason if not gate.ok else 'not every OSD is up'}; it stays "
+              f"recorded as this run's (`ceph config-key get {ceph_gate.NOOUT_OWNER_KEY}`), so a rerun carries "
+              f"on; to end it by hand: `ceph osd unset noout && ceph config-key rm {ceph_gate.NOOUT_OWNER_KEY}`")
     return "left-set"
 
 
@@ -850,7 +906,7 @@ def summary(res: dict[str, Any]) -> str:
     if res.get("plan"):
         for s in res["plan"]["steps"]:
             if s["argv"]:
-                lines.append("  $ " + " ".join(s["argv"]))
+                lines.append("  $ " + shlex.join(s["argv"]))
     lines.append(f"  max disrupted at once: {res.get('max_disrupted')}; noout: {res.get('noout')}; "
                  f"etcd snapshot: {res.get('etcd_snapshot') or '-'}")
     if res.get("error"):
@@ -910,9 +966,21 @@ def upgrade_cli(run: Callable[..., Any], params: dict[str, Any], render: Callabl
                     typer.echo("not approved; nothing was changed", err=True)
                     raise typer.Exit(1)
                 approval = False
-            state = run(**common, dry_run=dry_run, require_approval=approval, return_state=True)
-            res = state_result(state)
+            try:
+                state = run(**common, dry_run=dry_run, require_approval=approval, return_state=True)
+                res = state_result(state)
+            except (Exception, TerminationSignal, KeyboardInterrupt) as e:
+                if isinstance(e, ConfigError):
+                    raise
+                # The run could not report its end to the server (or was stopped outside its own body):
+                # what the flow last concluded is still the truth about noout.
+                res = _runtime.interrupted_result(e, last_result(), failed_result)
             _runtime.finish(res, json_output, render, ok=("completed", "planned", "deferred"))
 
-    _runtime.config_errors_exit_2(go)
+    from prefect.exceptions import TerminationSignal
+
+    from homelab.problems import ConfigError
+
+    with _runtime.sigterm_raises():
+        _runtime.config_errors_exit_2(go)
 

@@ -29,6 +29,11 @@ def validate(
     problems = run(path, str(path).rstrip("/") or ".")
     for p in problems:
         typer.echo(str(p))
+    # Warnings never change the exit code: the example's values are valid, only not yours.
+    from homelab.ownership import ownership_warnings
+
+    for w in ownership_warnings(path, str(path).rstrip("/") or "."):
+        typer.echo(w)
     if problems:
         typer.echo(f"{len(problems)} problem(s) in {path}", err=True)
         raise typer.Exit(1)
@@ -72,6 +77,8 @@ TwinOpt = Annotated[bool, typer.Option("--twin", help="Run against a simulated h
 TwinStateOpt = Annotated[str, typer.Option("--twin-state", help="The simulated homelab's state: pre-upgrade | synced.")]
 FaultOpt = Annotated[list[str] | None, typer.Option("--fault", help="Fault for the simulated homelab, NAME=ARG; repeatable.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on the last line.")]
+MonitoringOpt = Annotated[str, typer.Option("--monitoring", help="With --twin: none, or real (a real Prometheus and "
+                                                                 "Alertmanager beside the simulated homelab).")]
 WindowOpt = Annotated[str | None, typer.Option("--window", help="Maintenance window start, a cron expression.")]
 WindowHoursOpt = Annotated[float, typer.Option("--window-hours", help="Maintenance window length in hours.")]
 TzOpt = Annotated[str, typer.Option("--tz", help="Time zone of the maintenance window (IANA name).")]
@@ -98,15 +105,18 @@ def upgrade_talos(
     twin: TwinOpt = False,
     twin_state: TwinStateOpt = "pre-upgrade",
     fault: FaultOpt = None,
+    monitoring: MonitoringOpt = "none",
     json_output: JsonOpt = False,
 ) -> None:
     """Upgrade Talos node by node: gates, approval, one global lock, resumable."""
+    from flows._runtime import twin_monitoring
     from flows.talos_upgrade import summary, talos_upgrade, upgrade_cli
 
-    upgrade_cli(talos_upgrade, dict(cluster=cluster, to=to, nodes=list(node) if node else None, run_now=now),
-                summary, question="Upgrade these nodes?", homelab=homelab, window=window,
-                window_hours=window_hours, tz=tz, dry_run=dry_run, yes=yes, twin=twin, twin_state=twin_state,
-                fault=fault, json_output=json_output)
+    with twin_monitoring(monitoring):
+        upgrade_cli(talos_upgrade, dict(cluster=cluster, to=to, nodes=list(node) if node else None, run_now=now),
+                    summary, question="Upgrade these nodes?", homelab=homelab, window=window,
+                    window_hours=window_hours, tz=tz, dry_run=dry_run, yes=yes, twin=twin, twin_state=twin_state,
+                    fault=fault, json_output=json_output)
 
 
 @upgrade_app.command("kubernetes")
@@ -123,33 +133,46 @@ def upgrade_kubernetes(
     twin: TwinOpt = False,
     twin_state: TwinStateOpt = "pre-upgrade",
     fault: FaultOpt = None,
+    monitoring: MonitoringOpt = "none",
     json_output: JsonOpt = False,
 ) -> None:
     """Upgrade Kubernetes with talosctl upgrade-k8s: one minor at a time, behind the same gates."""
+    from flows._runtime import twin_monitoring
     from flows.kubernetes_upgrade import kubernetes_upgrade, summary
     from flows.talos_upgrade import upgrade_cli
 
-    upgrade_cli(kubernetes_upgrade, dict(cluster=cluster, to=to, run_now=now), summary,
-                question="Upgrade Kubernetes?", homelab=homelab, window=window, window_hours=window_hours, tz=tz,
-                dry_run=dry_run, yes=yes, twin=twin, twin_state=twin_state, fault=fault, json_output=json_output)
+    with twin_monitoring(monitoring):
+        upgrade_cli(kubernetes_upgrade, dict(cluster=cluster, to=to, run_now=now), summary,
+                    question="Upgrade Kubernetes?", homelab=homelab, window=window, window_hours=window_hours, tz=tz,
+                    dry_run=dry_run, yes=yes, twin=twin, twin_state=twin_state, fault=fault, json_output=json_output)
 
 
 @app.command()
 def reconcile(
     names: Annotated[list[str] | None, typer.Argument(help="Kustomizations to reconcile.")] = None,
     all_: Annotated[bool, typer.Option("--all", help="Every Kustomization of the cluster.")] = False,
-    no_source: Annotated[bool, typer.Option("--no-source", help="Do not reconcile the GitRepository first.")] = False,
+    no_source: Annotated[bool, typer.Option("--no-source", help="Do not reconcile the sources first.")] = False,
+    helmrelease: Annotated[list[str] | None, typer.Option(
+        "--helmrelease", help="A HelmRelease to reconcile, NAMESPACE/NAME (repeatable).")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="HelmReleases: a one-off install or upgrade, even with retries exhausted.")] = False,
+    reset: Annotated[bool, typer.Option("--reset", help="HelmReleases: reset the failure counts.")] = False,
     homelab: HomelabOpt = "default",
     cluster: Annotated[str, typer.Option("--cluster", help="Cluster whose Flux to reconcile.")] = "m720q",
     twin: TwinOpt = False,
     twin_state: TwinStateOpt = "pre-upgrade",
     fault: FaultOpt = None,
+    monitoring: MonitoringOpt = "none",
     json_output: JsonOpt = False,
 ) -> None:
-    """Reconcile Flux Kustomizations in dependsOn order, as `flux reconcile ks --with-source` does."""
+    """Reconcile Flux Kustomizations in dependsOn order, as `flux reconcile ks --with-source` does, and
+    HelmReleases as `flux reconcile hr [--force|--reset]` does."""
+    from flows._runtime import twin_monitoring
     from flows.flux_reconcile import cli
 
-    cli(list(names or []), all_, no_source, homelab, cluster, twin, twin_state, list(fault or []), json_output)
+    with twin_monitoring(monitoring):
+        cli(list(names or []), all_, no_source, homelab, cluster, twin, twin_state, list(fault or []), json_output,
+            helmreleases=list(helmrelease or []), force=force, reset=reset)
 
 
 @app.command()
@@ -161,12 +184,19 @@ def provision(
     twin: TwinOpt = False,
     twin_state: TwinStateOpt = "pre-upgrade",
     fault: FaultOpt = None,
+    monitoring: MonitoringOpt = "none",
     json_output: JsonOpt = False,
+    destroy: Annotated[bool, typer.Option(
+        "--destroy", help="Tear the cluster down: stop and delete every VM carrying its marker (plan, approval).")] = False,
+    prune: Annotated[bool, typer.Option(
+        "--prune", help="Also stop and delete this cluster's VMs that cluster.yaml no longer lists.")] = False,
 ) -> None:
     """Provision the Proxmox cluster from cluster.yaml: plan, approve, apply, bootstrap."""
+    from flows._runtime import twin_monitoring
     from flows.provision import cli
 
-    cli(homelab, cluster, plan, yes, twin, twin_state, list(fault or []), json_output)
+    with twin_monitoring(monitoring):
+        cli(homelab, cluster, plan, yes, twin, twin_state, list(fault or []), json_output, destroy=destroy, prune=prune)
 
 
 @app.command()
@@ -176,12 +206,15 @@ def drift(
     twin: TwinOpt = False,
     twin_state: TwinStateOpt = "pre-upgrade",
     fault: FaultOpt = None,
+    monitoring: MonitoringOpt = "none",
     json_output: JsonOpt = False,
 ) -> None:
     """Compare the desired state in git with the live homelab (read-only)."""
+    from flows._runtime import twin_monitoring
     from flows.drift_check import cli
 
-    cli(homelab, cluster, twin, twin_state, list(fault or []), json_output)
+    with twin_monitoring(monitoring):
+        cli(homelab, cluster, twin, twin_state, list(fault or []), json_output)
 
 
 
@@ -220,13 +253,53 @@ app.add_typer(webhook_app, name="webhook")
 def webhook_serve(
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8780,
-    block: Annotated[str, typer.Option("--block", help="Webhook block holding the secret "
-                                                         "(HOMELAB_WEBHOOK_SECRET wins when set).")] = "default",
+    block: Annotated[str, typer.Option("--block", help="Webhook and Homelab Git blocks holding the secret and the "
+                                                         "repositories (HOMELAB_WEBHOOK_SECRET and "
+                                                         "HOMELAB_WEBHOOK_REPOS win when set).")] = "default",
 ) -> None:
     """Receive git push webhooks (GitHub, Gitea, Forgejo) and turn them into Prefect events."""
     from deployments.webhook import serve
 
     serve(host=host, port=port, block=block)
+
+
+@webhook_app.command("relay")
+def webhook_relay(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8781,
+) -> None:
+    """Forward the receiver's push events to Prefect with Prefect's credential, and nothing else
+    (PREFECT_API_URL, PREFECT_API_AUTH_STRING, HOMELAB_WEBHOOK_REPOS; docs/security.md)."""
+    from deployments.webhook import serve_relay
+
+    serve_relay(host=host, port=port)
+
+
+@app.command()
+def server(
+    host: Annotated[str, typer.Option("--host", help="Address the Prefect API listens on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port the Prefect API listens on.")] = 4200,
+    home: Annotated[Path | None, typer.Option("--home", help="SQLite database, redis data and logs "
+                                                             "(default ~/.local/share/homelab/server).")] = None,
+    redis_url: Annotated[str | None, typer.Option("--redis-url", envvar="HOMELAB_REDIS_URL",
+                                                  help="Use this redis (checked) instead of starting one.")] = None,
+    database_url: Annotated[str | None, typer.Option(
+        "--database-url", envvar="HOMELAB_DATABASE_URL", show_default=False,
+        help="postgresql+asyncpg://USER:PASSWORD@HOST:PORT/DATABASE instead of SQLite in the home; prefer "
+             "the environment variable: a command line is readable by every local user.")] = None,
+    repossessor_seconds: Annotated[float, typer.Option("--repossessor-seconds", min=1.0,
+                                                       help="How often expired leases are freed.")] = 5.0,
+) -> None:
+    """A Prefect server configured as the lock needs: leases kept in redis across restarts (docs/server.md)."""
+    from deployments.server import ServerError, serve
+
+    try:
+        code = serve(host=host, port=port, home=home, redis_url=redis_url, repossessor_seconds=repossessor_seconds,
+                     database=database_url)
+    except ServerError as e:
+        typer.echo(f"homelab server: {e}", err=True)
+        raise typer.Exit(e.code) from None
+    raise typer.Exit(code)
 
 
 def main() -> None:

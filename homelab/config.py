@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from homelab import safeyaml
 from homelab.problems import ConfigError, Problem, from_validation_error
 from homelab.versions import VersionError, installer_image, parse_version
 
@@ -22,23 +22,12 @@ from homelab.versions import VersionError, installer_image, parse_version
 
 
 def read_yaml_documents(path: Path, shown: str) -> list[Any]:
-    """Every document of a YAML file (empty documents dropped); ConfigError when unreadable."""
+    """Every document of a YAML file (empty documents dropped); ConfigError when unreadable, too large,
+    with a duplicate key or too much alias expansion (homelab.safeyaml, the loader of every tree file)."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError([Problem(shown, "(file)", "file does not exist")]) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError([Problem(shown, "(file)", f"cannot read the file: {e}")]) from None
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else "(yaml)"
-        reason = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError([Problem(shown, where, f"not valid YAML: {reason}")]) from None
-    except RecursionError:
-        raise ConfigError([Problem(shown, "(yaml)", "not valid YAML: nested too deeply")]) from None
-    return docs
+        return safeyaml.read_all(path)
+    except safeyaml.YamlRefused as e:
+        raise ConfigError([Problem(shown, e.field, e.message)]) from None
 
 
 def read_yaml_mapping(path: Path, shown: str) -> dict[str, Any]:
@@ -57,15 +46,79 @@ def _version_field(v: object) -> str:
         parse_version(v)
     except VersionError as e:
         raise ValueError(str(e)) from None
-    return str(v)
+    # semver allows only [0-9A-Za-z.-] after the numbers, so the stripped text is safe in argv and
+    # in a command shown to a person.
+    return str(v).strip()
 
 
 def _ip(v: str) -> str:
+    """A plain IPv4 or IPv6 address. Python accepts IPv6 scope ids (`fe80::1%eth0`) whose text after
+    `%` is anything at all; an address here reaches talosctl's argv and the commands shown to people,
+    so a scope id is refused."""
+    text = v.strip()
+    if "%" in text:
+        raise ValueError(f"{v!r} has a scope id (after '%'): give the address without it")
     try:
-        ipaddress.ip_address(v.strip())
+        ipaddress.ip_address(text)
     except ValueError:
         raise ValueError(f"{v!r} is not an IP address") from None
-    return v.strip()
+    return text
+
+
+# RFC 1123 labels: what Kubernetes accepts as a node name part and Talos as a hostname. They cannot
+# start with '-', so none can be read as an option when it reaches an argv.
+_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def dns_label(v: str, what: str) -> str:
+    if not _DNS_LABEL.fullmatch(v):
+        raise ValueError(f"{v!r} is not a valid {what}: a DNS label of at most 63 lowercase letters, digits "
+                         "and '-', starting and ending with a letter or digit")
+    return v
+
+
+def dns_name(v: str, what: str) -> str:
+    """One or more DNS labels joined by '.', as Kubernetes node names and Talos hostnames may be."""
+    if len(v) > 253 or not all(_DNS_LABEL.fullmatch(part) for part in v.split(".")):
+        raise ValueError(f"{v!r} is not a valid {what}: DNS labels (lowercase letters, digits and '-', each "
+                         "starting and ending with a letter or digit) joined by '.'")
+    return v
+
+
+_ENDPOINT = re.compile(r"https://(?P<host>\[[^\]]*\]|[^/\[\]:]+)(?::(?P<port>\d{1,5}))?/?")
+
+
+def api_endpoint(v: str, example: str) -> str:
+    """`https://host[:port]` whose host is a DNS name or an IP address (no scope id): it reaches
+    talosctl's argv as a positional argument and the commands shown to people."""
+    m = _ENDPOINT.fullmatch(v)
+    host = m.group("host") if m else ""
+    try:
+        if host.startswith("["):
+            _ip(host[1:-1])
+            if ":" not in host:
+                raise ValueError
+        elif re.fullmatch(r"[0-9.]+", host):
+            _ip(host)
+        else:
+            dns_name(host.lower(), "host")
+        if m and m.group("port") and not 0 < int(m.group("port")) < 65536:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{v!r} is not an API endpoint like {example}") from None
+    return v
+
+
+# An image repository as OCI references write it (registry[:port]/path), without tag or digest: the
+# tag is the Talos version. Nothing else may reach `--image` in argv.
+_IMAGE_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)+")
+
+
+def image_repository(v: str | None) -> str | None:
+    if v is not None and not _IMAGE_REPO.fullmatch(v):
+        raise ValueError(f"{v!r} is not an image repository like factory.talos.dev/installer/<schematic> "
+                         "(no tag: the Talos version is appended)")
+    return v
 
 
 # --- talconfig.yaml (talhelper's schema) ------------------------------------------------------
@@ -130,9 +183,9 @@ class TalNode(_Loose):
     @field_validator("hostname")
     @classmethod
     def _hostname(cls, v: str) -> str:
-        if not re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?", v):
-            raise ValueError(f"{v!r} is not a valid hostname (lowercase letters, digits, '-' and '.')")
-        return v
+        return dns_name(v, "hostname")
+
+    _image = field_validator("talos_image_url")(lambda cls, v: image_repository(v))
 
     @model_validator(mode="after")
     def _disk(self) -> TalNode:
@@ -173,6 +226,8 @@ class _RoleSection(_Loose):
     ingress_firewall: Any = Field(None, alias="ingressFirewall")
     machine_files: Any = Field(None, alias="machineFiles")
 
+    _image = field_validator("talos_image_url")(lambda cls, v: image_repository(v))
+
 
 class TalConfig(_Loose):
     cluster_name: str = Field(alias="clusterName", min_length=1)
@@ -196,13 +251,12 @@ class TalConfig(_Loose):
 
     _talos_v = field_validator("talos_version")(lambda cls, v: _version_field(v))
     _kube_v = field_validator("kubernetes_version")(lambda cls, v: _version_field(v))
+    _name = field_validator("cluster_name")(lambda cls, v: dns_label(v, "cluster name"))
 
     @field_validator("endpoint")
     @classmethod
     def _endpoint(cls, v: str) -> str:
-        if not re.fullmatch(r"https://[^/\s:]+(:\d+)?/?", v):
-            raise ValueError(f"{v!r} is not an API endpoint like https://10.42.0.101:6443")
-        return v
+        return api_endpoint(v, "https://10.42.0.101:6443")
 
     def node(self, hostname: str) -> TalNode | None:
         return next((n for n in self.nodes if n.hostname == hostname), None)
@@ -288,13 +342,13 @@ class ClusterSection(_Strict):
 
     _talos_v = field_validator("talos_version")(lambda cls, v: _version_field(v))
     _kube_v = field_validator("kubernetes_version")(lambda cls, v: _version_field(v))
+    _name = field_validator("name")(lambda cls, v: dns_label(v, "cluster name"))
+    _image = field_validator("talos_image_url")(lambda cls, v: image_repository(v))
 
     @field_validator("endpoint")
     @classmethod
     def _endpoint(cls, v: str) -> str:
-        if not re.fullmatch(r"https://[^/\s:]+(:\d+)?/?", v):
-            raise ValueError(f"{v!r} is not an API endpoint like https://10.42.0.161:6443")
-        return v
+        return api_endpoint(v, "https://10.42.0.161:6443")
 
 
 class Template(_Strict):
@@ -308,13 +362,21 @@ class ProxmoxSection(_Strict):
     storage: str = Field(min_length=1)
     bridge: str = "vmbr0"
     template: Template
+    # Where a VM's Talos maintenance API is found before its static address exists: "agent" reads the
+    # DHCP address through the QEMU guest agent; "static" trusts that the VM already answers at its `ip`
+    # (DHCP reservations, or ip= kernel arguments baked into the image).
+    maintenance_address: Literal["agent", "static"] = Field("agent", alias="maintenanceAddress")
+    # Talos needs x86-64-v2; kvm64 (PVE 7's default) lacks it. "host" works too, but stops live migration.
+    cpu: str = Field("x86-64-v2-AES", min_length=1)
+    # File storage for the Image Factory ISO when the template has to be made.
+    iso_storage: str = Field("local", alias="isoStorage", min_length=1)
+    # Size of the template's (empty) boot disk when the flow makes the template.
+    template_disk: int = Field(8, alias="templateDisk", ge=1, description="GiB")
 
     @field_validator("endpoint")
     @classmethod
     def _endpoint(cls, v: str) -> str:
-        if not re.fullmatch(r"https://[^/\s:]+(:\d+)?/?", v):
-            raise ValueError(f"{v!r} is not a Proxmox endpoint like https://pve.lan:8006")
-        return v
+        return api_endpoint(v, "https://pve.lan:8006")
 
 
 class NetworkSection(_Strict):
@@ -335,6 +397,8 @@ class VM(_Strict):
     ip: str
     mac: str
     tags: list[str] = Field(default_factory=list)
+    # The PVE node to run on; unset: the provision flow places it (control planes spread over nodes).
+    node: str | None = Field(None, min_length=1)
 
     _ipv = field_validator("ip")(lambda cls, v: _ip(v))
 
@@ -348,9 +412,7 @@ class VM(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", v):
-            raise ValueError(f"{v!r} is not a valid VM name (lowercase letters, digits and '-')")
-        return v
+        return dns_label(v, "VM name")
 
 
 class ProxmoxCluster(_Strict):

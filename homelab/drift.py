@@ -11,17 +11,19 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from homelab.ceph_gate import CephStatus, flags_in_check
 from homelab.config import FluxTree, ProxmoxCluster
 from homelab.gates import NodeView
+from homelab.monitoring import Alert, Matcher, Silence, matches_any
 from homelab.problems import Problem
 from homelab.provision import GIB, ObservedVM
 
-AREAS = ("talos", "kubernetes", "flux", "proxmox", "ceph", "repository")
+AREAS = ("talos", "kubernetes", "flux", "proxmox", "ceph", "monitoring", "repository")
 AREA_TITLES = {"talos": "Talos", "kubernetes": "Kubernetes", "flux": "Flux", "proxmox": "Proxmox",
-               "ceph": "Ceph", "repository": "Repository"}
+               "ceph": "Ceph", "monitoring": "Monitoring", "repository": "Repository"}
 ERROR, WARNING = "error", "warning"
 SEVERITIES = (ERROR, WARNING)
 
@@ -299,6 +301,29 @@ def compare_ceph(cluster: str, status: CephStatus, flags: Iterable[str]) -> list
     if status.health.status != "HEALTH_OK" and not status.health.checks:
         out.append(Finding("ceph", f"{cluster}: health", "HEALTH_OK", status.health.status, WARNING,
                            "ceph health detail", cluster))
+    return out
+
+
+# --- monitoring ------------------------------------------------------------------------------------
+
+
+def compare_monitoring(cluster: str, alerts: Iterable[Alert], allowed: Sequence[Sequence[Matcher]],
+                       stale: Iterable[Silence], now: datetime) -> list[Finding]:
+    """The alerts firing now (but the allowed ones: Watchdog fires forever on purpose), and silences these
+    flows made that are still in force long after (a run that crashed before it expired its own)."""
+    out: list[Finding] = []
+    for a in sorted((a for a in alerts if a.state == "firing" and not matches_any(a.labels, allowed)),
+                    key=lambda a: a.describe()):
+        severity = ERROR if a.labels.get("severity") == "critical" else WARNING
+        since = f" since {a.active_at}" if a.active_at else ""
+        out.append(Finding("monitoring", f"{cluster}: alert {a.describe()}", "not firing", f"firing{since}", severity,
+                           "look at the alert in Alertmanager (amtool alert query) and fix its cause", cluster))
+    for s in stale:
+        age = (now - s.starts_at).total_seconds() / 3600 if s.starts_at else 0.0
+        out.append(Finding("monitoring", f"{cluster}: silence {s.id} {s.describe()}", "expired by the run that made it",
+                           f"{s.state} for {age:.1f} h, until {s.ends_at.isoformat() if s.ends_at else '?'} "
+                           f"({s.comment[:120]})", WARNING,
+                           f"if that run is over: amtool silence expire {s.id}", cluster))
     return out
 
 

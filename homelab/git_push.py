@@ -3,7 +3,8 @@
 Changed paths → the Flux Kustomizations that apply them (a Kustomization applies the files its
 spec.path's kustomization.yaml reaches through resources, components, patches and generators; a
 spec.path without one applies every file below it) plus their dependents; talconfig.yaml version
-changes → the upgrade deployment, always with approval; a cluster.yaml change → provision in plan mode.
+changes → the upgrade deployment, always with approval (both versions at once → cluster-upgrade, which
+upgrades Talos first, then Kubernetes); a cluster.yaml change → provision in plan mode.
 """
 
 from __future__ import annotations
@@ -11,18 +12,21 @@ from __future__ import annotations
 import ast
 import json
 import posixpath
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import yaml
+from homelab import safeyaml
 
-from homelab.config import FluxTree
+if TYPE_CHECKING:  # the webhook receiver imports this module and needs none of the models
+    from homelab.config import FluxTree
 
 ZERO_SHA_CHARS = "0"
 KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
 TALOS_UPGRADE = "talos-upgrade/talos-upgrade"
 KUBERNETES_UPGRADE = "kubernetes-upgrade/kubernetes-upgrade"
+CLUSTER_UPGRADE = "cluster-upgrade/cluster-upgrade"
 PROVISION = "provision/provision"
 
 Key = tuple[str, str]
@@ -41,6 +45,49 @@ def ignore_reason(ref: str, branch: str, after: str) -> str | None:
     if is_zero(after):
         return f"{ref} was deleted (after is all zeros): there is no new revision to reconcile"
     return None
+
+
+# --- which repositories a homelab follows ------------------------------------------------------------
+
+_FULL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}/[A-Za-z0-9_.-]{1,100}")
+# https://host[:port]/[prefix/]owner/name[.git][/], ssh://[user@]host[:port]/[prefix/]owner/name[.git],
+# or scp-like [user@]host:[prefix/]owner/name[.git]: the owner/name a forge's push payload calls it.
+_URL_TAIL = re.compile(r"(?:[a-z][a-z0-9+.-]*://[^/]+/|[^/@:\s]+@[^/:\s]+:)(?:[^\s]*/)?"
+                       r"(?P<owner>[A-Za-z0-9_.-]+)/(?P<name>[A-Za-z0-9_.-]+?)(?:\.git)?/?")
+
+
+class RepositoryRefused(ValueError):
+    """An entry of a repository list that is neither owner/name nor a clone URL."""
+
+
+def repository_full_name(entry: str) -> str:
+    """`owner/name` (lowercase: GitHub and Gitea names are case-insensitive) of a full name or clone URL."""
+    text = entry.strip()
+    if _FULL_NAME.fullmatch(text):
+        return text.lower()
+    m = _URL_TAIL.fullmatch(text)
+    if m is None:
+        raise RepositoryRefused(f"{entry!r} is neither owner/name nor a clone URL such as "
+                                "https://github.com/owner/name.git or git@github.com:owner/name.git")
+    return f"{m.group('owner')}/{m.group('name')}".lower()
+
+
+def allowed_repositories(entries: Iterable[str]) -> frozenset[str]:
+    """The full names a list of full names and clone URLs allows. A clone URL stands for the owner/name
+    it ends with: the push payload names the repository that way, and the webhook secret, not the host,
+    is what ties a delivery to one forge."""
+    return frozenset(repository_full_name(e) for e in entries if e.strip())
+
+
+def repository_refusal(repository: str, allowed: frozenset[str]) -> str | None:
+    """Why a push of `repository` is not for this homelab, or None when it is."""
+    if repository.strip().lower() in allowed:
+        return None
+    if not allowed:
+        return (f"{repository} is not a repository this homelab follows: the Homelab block's git part names "
+                "none (set its repositories, or a clone URL as its url)")
+    return (f"{repository} is not a repository this homelab follows ({', '.join(sorted(allowed))}); "
+            "a push of another repository never starts work")
 
 
 def parse_changed_paths(value: Any) -> list[str] | None:
@@ -137,10 +184,13 @@ def coverage(spec_dir: str, kustomization_texts: Mapping[str, str], all_files: I
             continue
         cov.files.update(f for f in (posixpath.join(d, n) for n in KUSTOMIZATION_FILES) if f in files)
         try:
-            doc = yaml.safe_load(text)
-        except yaml.YAMLError:
-            cov.dirs.add(d)  # unreadable: count everything below it rather than miss a change
+            docs = safeyaml.load_all(text)
+        except safeyaml.YamlRefused:
+            docs = [None, None]
+        if len(docs) > 1:
+            cov.dirs.add(d)  # unreadable (or refused): count everything below it rather than miss a change
             continue
+        doc = docs[0] if docs else None
         for entry in _entries(doc if isinstance(doc, Mapping) else {}):
             target = _norm(d, entry)
             if target in all_dirs:
@@ -203,18 +253,22 @@ def map_paths(trees: Mapping[str, FluxTree], changed: Iterable[str], kustomizati
 def version_starts(cluster: str, before: tuple[str, str] | None, after: tuple[str, str] | None,
                    shown: str) -> list[DeploymentStart]:
     """(talosVersion, kubernetesVersion) of a talconfig.yaml at before and after → upgrade deployments,
-    always with require_approval: a push never upgrades a cluster unapproved."""
+    always with require_approval: a push never upgrades a cluster unapproved. Both changed → one
+    cluster-upgrade (Talos first, then Kubernetes, one approval): two separate runs would race for the
+    global lock, and the new Kubernetes may need the new Talos."""
     if after is None:
         return []
-    out = []
     old_talos, old_k8s = before if before is not None else (None, None)
-    if after[0] != old_talos:
-        out.append(DeploymentStart(TALOS_UPGRADE, {"cluster": cluster, "require_approval": True},
-                                   f"{shown}: talosVersion {old_talos or '(new file)'} -> {after[0]}"))
-    if after[1] != old_k8s:
-        out.append(DeploymentStart(KUBERNETES_UPGRADE, {"cluster": cluster, "require_approval": True},
-                                   f"{shown}: kubernetesVersion {old_k8s or '(new file)'} -> {after[1]}"))
-    return out
+    params = {"cluster": cluster, "require_approval": True}
+    talos = f"talosVersion {old_talos or '(new file)'} -> {after[0]}" if after[0] != old_talos else None
+    k8s = f"kubernetesVersion {old_k8s or '(new file)'} -> {after[1]}" if after[1] != old_k8s else None
+    if talos and k8s:
+        return [DeploymentStart(CLUSTER_UPGRADE, params, f"{shown}: {talos}, then {k8s}")]
+    if talos:
+        return [DeploymentStart(TALOS_UPGRADE, params, f"{shown}: {talos}")]
+    if k8s:
+        return [DeploymentStart(KUBERNETES_UPGRADE, params, f"{shown}: {k8s}")]
+    return []
 
 
 def provision_start(cluster: str, shown: str) -> DeploymentStart:

@@ -8,6 +8,7 @@ it answers with a Verdict whose reason names what it saw.
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -58,7 +59,8 @@ def upgrade_k8s_argv(talosctl: str, to: str, dry_run: bool = False, node: str | 
 
 
 def rollback_step(ip: str) -> str:
-    return f"talosctl rollback --nodes {ip}"
+    # Shown to a person who pastes it: quoted as a shell would read it, whatever the address holds.
+    return shlex.join(["talosctl", "rollback", "--nodes", ip])
 
 
 # --- Talos plan -------------------------------------------------------------------------------
@@ -103,7 +105,7 @@ class TalosPlan:
     def to_rows(self) -> list[dict[str, str]]:
         """One row per node, for a table artifact."""
         return [{"node": s.hostname, "ip": s.ip, "role": s.role, "from": s.current, "to": s.target,
-                 "action": s.action, "image": s.image, "command": " ".join(s.argv) if s.argv else "-"}
+                 "action": s.action, "image": s.image, "command": shlex.join(s.argv) if s.argv else "-"}
                 for s in self.steps]
 
     def to_dict(self) -> dict[str, Any]:

@@ -95,10 +95,21 @@ def _talconfig_patches(tree: Tree) -> list[Problem]:
                 continue
             for j, p in enumerate(patches):
                 if isinstance(p, str) and p.startswith("@"):
-                    target = (base / p[1:]).resolve()
-                    if not target.is_file():
-                        out.append(Problem(shown, f"{field}[{j}]", f"patch file {p[1:]} does not exist"))
+                    out += _patch_file_problems(tree.root, base, p[1:], shown, f"{field}[{j}]")
     return out
+
+
+def _patch_file_problems(root: Path, base: Path, rel: str, shown: str, field: str) -> list[Problem]:
+    """A `@file` patch must be a file inside the tree: talhelper reads whatever path it is given (and
+    follows symlinks), so `@../../../etc/passwd` would put a file of the machine that runs it into a
+    machine config."""
+    target = (base / rel).resolve()
+    if not target.is_relative_to(root.resolve()):
+        return [Problem(shown, field, f"patch file {rel} is outside the tree ({target}); patches must be "
+                                      "files under the GitOps tree, e.g. @./patches/<name>.yaml")]
+    if not target.is_file():
+        return [Problem(shown, field, f"patch file {rel} does not exist")]
+    return []
 
 
 def _cluster_of(rel: Path, clusters: set[str]) -> str | None:

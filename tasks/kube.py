@@ -1,35 +1,53 @@
 """Kubernetes, the external system: Nodes and custom objects (the Flux kinds), read, patched and watched.
 
-Built on the official client's ApiClient (configuration, TLS, tokens) with JSON in and out as plain
-dicts: one code path for lists, gets and watch events, and no dependence on typed models that
-reject a partial object. Errors map to a small vocabulary whose ``retryable`` says whether running
-again can help: KubeUnavailable (connection refused, 429/5xx, a dropped stream) or KubeError
-(404, 409, 403, a bad request). Waits are watches bounded by a monotonic deadline: every request
-gets the remaining time as its timeout, a dropped watch resumes from the last resourceVersion, and
-a 410 (resourceVersion too old) starts again from a fresh list. Importable without Prefect.
+Built on the official client's ApiClient (configuration, TLS, tokens, TCP keepalive) with JSON in and out
+as plain dicts: one code path for lists, gets and watch events, and no dependence on typed models that
+reject a partial object. Errors map to a small vocabulary whose ``retryable`` says whether running again
+can help: KubeUnavailable (connection refused or reset, a read that timed out, 429/5xx, a dropped stream)
+or KubeError (404, 409, 403, a bad request).
+
+Connections die without closing on real networks (a power-cycled node, an address that moved), so no
+single request may hold a step: each attempt has a read timeout of its own (REQUEST_TIMEOUT_S), each watch
+asks the server to end it after WATCH_TIMEOUT_S and reads with a little more than that, and TCP
+keepalive is on. Every call retries what can pass (429 after its Retry-After, 5xx, resets, timeouts)
+with tenacity until the deadline it was given, never past it. Waits are watches bounded by a monotonic
+deadline: a dropped watch resumes from the last resourceVersion, and a 410 (too old) or 504 (the watch
+cache timed out) lists again. Importable without Prefect.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import tenacity
 import urllib3
 from kubernetes import client as k8s_client
 from kubernetes import config as k8s_config
+from kubernetes import utils as k8s_utils
 from kubernetes.watch.watch import iter_resp_lines
 
 from homelab.gates import NodeView, talos_version_of_os_image
 
+# Timings of the wire. Module attributes, so a test can make them short.
 CONNECT_TIMEOUT_S = 5.0
+# One attempt of a plain request: a connection that went silent is given up after this and retried.
+REQUEST_TIMEOUT_S = 15.0
+# timeoutSeconds of each watch (client-go's reflectors ask for 5-10 minutes; a minute bounds how long
+# a silently dead stream can hide), and how much longer than that a watch read may stay silent.
+WATCH_TIMEOUT_S = 60.0
+WATCH_READ_SLACK_S = 5.0
 DEFAULT_TIMEOUT_S = 30.0
-# Backoff while the API server is away (a single control plane rebooting); bounded by the deadline.
+# Backoff between attempts when the server gives no Retry-After; bounded by the deadline.
 _BACKOFF_MIN_S, _BACKOFF_MAX_S = 0.1, 2.0
+# An attempt that could not even start before the deadline is not made.
+_MIN_ATTEMPT_S = 0.05
 
 
 class KubeError(Exception):
@@ -37,13 +55,14 @@ class KubeError(Exception):
 
     retryable = False
 
-    def __init__(self, message: str, status: int | None = None):
+    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None):
         self.status = status
+        self.retry_after = retry_after
         super().__init__(message)
 
 
 class KubeUnavailable(KubeError):
-    """The API server did not answer or answered 429/5xx: a retry can help."""
+    """The API server did not answer, timed out, or answered 429/5xx: a retry can help."""
 
     retryable = True
 
@@ -61,7 +80,8 @@ class KubeStreamBroken(KubeUnavailable):
 
 
 class KubeGone(KubeError):
-    """410: the resourceVersion a watch resumed from is too old; list again."""
+    """The watch cannot go on from its resourceVersion (410 Expired, or the watch cache's 504 Timeout):
+    list again."""
 
 
 class KubeTimeout(KubeError):
@@ -134,7 +154,7 @@ def _status_message(body: bytes) -> str:
     return str(doc.get("message") or doc.get("reason") or "") if isinstance(doc, dict) else ""
 
 
-def _error_for(status: int, what: str, message: str) -> KubeError:
+def _error_for(status: int, what: str, message: str, retry_after: float | None = None) -> KubeError:
     text = f"{what}: HTTP {status}" + (f": {message}" if message else "")
     if status == 404:
         return KubeNotFound(text, status)
@@ -145,8 +165,40 @@ def _error_for(status: int, what: str, message: str) -> KubeError:
     if status in (401, 403):
         return KubeError(text + " (check the kubeconfig's credentials or the ServiceAccount's RBAC)", status)
     if status == 429 or status >= 500:
-        return KubeUnavailable(text, status)
+        return KubeUnavailable(text, status, retry_after)
     return KubeError(text, status)
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Retry-After in seconds, read as client-go reads it (integer seconds; anything else is ignored)."""
+    carrier = k8s_client.ApiException(status=429)
+    carrier.headers = dict(headers or {})
+    return k8s_utils.retry_after_seconds(carrier)
+
+
+def backoff_s(attempt: int, error: BaseException | None = None) -> float:
+    """How long to wait before the next attempt: the server's Retry-After when it sent one, else a
+    jittered exponential backoff (0.1 s doubling to 2 s)."""
+    retry_after = getattr(error, "retry_after", None)
+    if retry_after is not None:
+        return float(retry_after)
+    base = min(_BACKOFF_MAX_S, _BACKOFF_MIN_S * 2 ** max(0, attempt - 1))
+    return base * (0.5 + random.random() / 2)
+
+
+def _retrying(deadline: float) -> tenacity.Retrying:
+    """Retry what can pass (KubeError.retryable) until the monotonic ``deadline``; never sleep past it."""
+
+    def wait(rs: tenacity.RetryCallState) -> float:
+        error = rs.outcome.exception() if rs.outcome is not None else None
+        return max(0.0, min(backoff_s(rs.attempt_number, error), deadline - time.monotonic()))
+
+    def stop(rs: tenacity.RetryCallState) -> bool:
+        return time.monotonic() + (rs.upcoming_sleep or 0.0) >= deadline - _MIN_ATTEMPT_S
+
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception(lambda e: isinstance(e, KubeError) and e.retryable),
+        wait=wait, stop=stop, sleep=time.sleep, reraise=True)
 
 
 class Kube:
@@ -155,6 +207,8 @@ class Kube:
     def __init__(self, api: k8s_client.ApiClient):
         # The deadline of each call is ours to keep: urllib3's own retries would multiply it.
         api.configuration.retries = False
+        # TCP keepalive with client-go's timings, so the kernel notices a peer that vanished.
+        api.configuration.keep_alive = True
         api.rest_client = k8s_client.rest.RESTClientObject(api.configuration)
         self.api = api
 
@@ -187,26 +241,28 @@ class Kube:
     # -- HTTP --
 
     def _send(self, method: str, path: str, query: list[tuple[str, Any]] | None = None, body: Any = None,
-              content_type: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
+              content_type: str | None = None, read_timeout_s: float = REQUEST_TIMEOUT_S) -> Any:
+        """One attempt: the raw response (unread) and a label of the request."""
         headers = {"Accept": "application/json"}
         if content_type:
             headers["Content-Type"] = content_type
         what = f"{method} {path}"
-        if timeout_s <= 0:
+        if read_timeout_s <= 0:
             raise KubeTimeout(f"{what}: not sent, the deadline has passed")
         req = self.api.param_serialize(method, path, query_params=query or [], header_params=headers, body=body,
                                        auth_settings=["BearerToken"])
         try:
-            resp = self.api.call_api(*req, _request_timeout=(min(CONNECT_TIMEOUT_S, timeout_s), timeout_s))
+            resp = self.api.call_api(*req, _request_timeout=(min(CONNECT_TIMEOUT_S, read_timeout_s), read_timeout_s))
         except (urllib3.exceptions.HTTPError, OSError) as e:
             raise KubeUnavailable(f"{what}: no answer from the API server ({type(e).__name__})") from None
         except k8s_client.ApiException as e:
             raise KubeError(f"{what}: {e.reason}", e.status) from None
         return resp.response, what
 
-    def _json(self, method: str, path: str, query: list[tuple[str, Any]] | None = None, body: Any = None,
-              content_type: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
-        raw, what = self._send(method, path, query, body, content_type, timeout_s)
+    def _json_once(self, method: str, path: str, query: list[tuple[str, Any]] | None, body: Any,
+                   content_type: str | None, deadline: float) -> dict[str, Any]:
+        left = deadline - time.monotonic()
+        raw, what = self._send(method, path, query, body, content_type, min(REQUEST_TIMEOUT_S, left))
         try:
             data = raw.data
         except (urllib3.exceptions.HTTPError, OSError) as e:
@@ -214,42 +270,58 @@ class Kube:
         finally:
             raw.release_conn()
         if not 200 <= raw.status <= 299:
-            raise _error_for(raw.status, what, _status_message(data))
+            raise _error_for(raw.status, what, _status_message(data), _retry_after(raw.headers))
         try:
-            return json.loads(data)
+            return dict(json.loads(data))
         except ValueError:
             raise KubeError(f"{what}: the reply is not JSON") from None
+
+    def _json(self, method: str, path: str, query: list[tuple[str, Any]] | None = None, body: Any = None,
+              content_type: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+              deadline: float | None = None) -> dict[str, Any]:
+        """The request, retried while it can pass, until ``deadline`` (default: ``timeout_s`` from now)."""
+        if deadline is None:
+            deadline = time.monotonic() + timeout_s
+        result: dict[str, Any] = _retrying(deadline)(self._json_once, method, path, query, body, content_type,
+                                                     deadline)
+        return result
 
     # -- generic objects (core group is "") --
 
     def get_object(self, group: str, version: str, plural: str, namespace: str | None, name: str,
-                   timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
-        return self._json("GET", _path(group, version, plural, namespace, name), timeout_s=timeout_s)
+                   timeout_s: float = DEFAULT_TIMEOUT_S, deadline: float | None = None) -> dict[str, Any]:
+        return self._json("GET", _path(group, version, plural, namespace, name), timeout_s=timeout_s,
+                          deadline=deadline)
 
     def list_objects(self, group: str, version: str, plural: str, namespace: str | None = None,
                      label_selector: str | None = None, field_selector: str | None = None,
-                     timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[list[dict[str, Any]], str]:
+                     timeout_s: float = DEFAULT_TIMEOUT_S, deadline: float | None = None,
+                     ) -> tuple[list[dict[str, Any]], str]:
         """(items, the list's resourceVersion): watch from that version to see every later change."""
         query: list[tuple[str, Any]] = []
         if label_selector:
             query.append(("labelSelector", label_selector))
         if field_selector:
             query.append(("fieldSelector", field_selector))
-        doc = self._json("GET", _path(group, version, plural, namespace), query, timeout_s=timeout_s)
+        doc = self._json("GET", _path(group, version, plural, namespace), query, timeout_s=timeout_s,
+                         deadline=deadline)
         return list(doc.get("items") or []), str((doc.get("metadata") or {}).get("resourceVersion") or "")
 
     def merge_patch(self, group: str, version: str, plural: str, namespace: str | None, name: str,
                     patch: Mapping[str, Any], subresource: str | None = None,
-                    timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+                    timeout_s: float = DEFAULT_TIMEOUT_S, deadline: float | None = None) -> dict[str, Any]:
+        # A merge patch sets the same values however often it lands: retrying one that may have
+        # been applied before its answer was lost is safe.
         return self._json("PATCH", _path(group, version, plural, namespace, name, subresource), body=dict(patch),
-                          content_type="application/merge-patch+json", timeout_s=timeout_s)
+                          content_type="application/merge-patch+json", timeout_s=timeout_s, deadline=deadline)
 
     def watch_objects(self, group: str, version: str, plural: str, namespace: str | None = None,
-                      resource_version: str | None = None, timeout_s: float = 60,
+                      resource_version: str | None = None, timeout_s: float = WATCH_TIMEOUT_S,
                       label_selector: str | None = None, field_selector: str | None = None,
-                      ) -> Iterator[tuple[str, dict[str, Any]]]:
+                      deadline: float | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
         """(type, object) events from ``resource_version`` on, until the server ends the watch
-        (``timeout_s``). Raises KubeGone on 410 and KubeUnavailable when the stream breaks."""
+        (``timeout_s``). Raises KubeGone when it must list again (410, or a 504 error event) and
+        KubeUnavailable when the stream breaks or stays silent longer than the server's own end of it."""
         query: list[tuple[str, Any]] = [("watch", "true"), ("allowWatchBookmarks", "true"),
                                         ("timeoutSeconds", max(1, math.ceil(timeout_s)))]
         if resource_version:
@@ -258,21 +330,32 @@ class Kube:
             query.append(("labelSelector", label_selector))
         if field_selector:
             query.append(("fieldSelector", field_selector))
-        # The read timeout is a little longer than the server's own end of the watch.
-        raw, what = self._send("GET", _path(group, version, plural, namespace), query, timeout_s=timeout_s + 2)
+        # The read timeout is a little longer than the server's own end of the watch (and a bookmark
+        # arrives within a minute), so only a stream that went silently dead times out, and never past
+        # the caller's deadline.
+        read_timeout = max(1, math.ceil(timeout_s)) + WATCH_READ_SLACK_S
+        if deadline is not None:
+            read_timeout = min(read_timeout, deadline - time.monotonic())
+        raw, what = self._send("GET", _path(group, version, plural, namespace), query, read_timeout_s=read_timeout)
         try:
             if not 200 <= raw.status <= 299:
-                raise _error_for(raw.status, what, _status_message(raw.data))
+                raise _error_for(raw.status, what, _status_message(raw.data), _retry_after(raw.headers))
             for line in iter_resp_lines(raw):
                 if not line.strip():
                     continue
                 try:
                     event = json.loads(line)
                 except ValueError:
-                    raise KubeUnavailable(f"{what}: a watch event is not JSON") from None
+                    raise KubeStreamBroken(f"{what}: a watch event is not JSON") from None
                 etype, obj = event.get("type"), event.get("object") or {}
                 if etype == "ERROR":
-                    raise _error_for(int(obj.get("code") or 500), what, str(obj.get("message") or ""))
+                    code = int(obj.get("code") or 500)
+                    message = str(obj.get("message") or "")
+                    if code in (410, 504):
+                        # 410 Expired, or the watch cache's 504 Timeout (NewTooLargeResourceVersionError):
+                        # this watch cannot go on; a fresh list can.
+                        raise KubeGone(f"{what}: HTTP {code}: {message}", code)
+                    raise _error_for(code, what, message)
                 yield etype, obj
         except (urllib3.exceptions.HTTPError, OSError) as e:
             raise KubeStreamBroken(f"{what}: the watch broke off ({type(e).__name__})") from None
@@ -284,23 +367,30 @@ class Kube:
                     predicate: Callable[[dict[str, Any]], bool], deadline: float, what: str,
                     describe: Callable[[dict[str, Any] | None], str] = lambda o: "absent" if o is None else "present",
                     next_step: str = "look at the object and run again",
-                    tolerate_unavailable: bool = False) -> dict[str, Any]:
+                    tolerate_unavailable: bool = True,
+                    stop: Callable[[dict[str, Any] | None], bool] | None = None) -> dict[str, Any]:
         """Watch one object until ``predicate`` holds; the object when it does, KubeTimeout at the deadline.
 
-        Every request is bounded by the time left. A dropped stream resumes from the last
-        resourceVersion; a 410 starts again from a fresh list. With ``tolerate_unavailable`` an API
-        server that refuses connections or answers 5xx is waited for (a single control plane rebooting).
+        An API server that refuses, times out or answers 429/5xx is waited for until the deadline (a single
+        control plane rebooting, a throttled client); a dropped stream resumes from the last resourceVersion;
+        a 410 or a watch's 504 starts again from a fresh list. ``stop(obj)`` returning True ends the wait
+        early with that object (the caller decides what it means). ``tolerate_unavailable`` is kept for
+        callers that still pass it: every wait tolerates an unavailable server until its deadline.
         """
         kind = f"{plural}/{name}" + (f" in {namespace}" if namespace else "")
         selector = f"metadata.name={name}"
         last: dict[str, Any] | None = None
         seen = False
         rv: str | None = None
-        backoff, failures = _BACKOFF_MIN_S, 0
+        failures = 0
         unavailable: str | None = None
+
+        def done(obj: dict[str, Any] | None) -> bool:
+            return obj is not None and (predicate(obj) or (stop is not None and stop(obj)))
+
         while True:
             left = deadline - time.monotonic()
-            if left <= 0:
+            if left <= _MIN_ATTEMPT_S:
                 state = describe(last) if seen else "never read"
                 if unavailable:
                     state += f"; the API server was unreachable at the end ({unavailable})"
@@ -309,34 +399,31 @@ class Kube:
             try:
                 if rv is None:
                     items, rv = self.list_objects(group, version, plural, namespace, field_selector=selector,
-                                                  timeout_s=left)
+                                                  deadline=deadline)
                     last, seen = (items[0] if items else None), True
-                    unavailable, backoff, failures = None, _BACKOFF_MIN_S, 0
-                    if last is not None and predicate(last):
-                        return last
+                    unavailable, failures = None, 0
+                    if done(last):
+                        return last  # type: ignore[return-value]
                 for etype, obj in self.watch_objects(group, version, plural, namespace, rv,
-                                                     timeout_s=max(0.001, deadline - time.monotonic()),
-                                                     field_selector=selector):
-                    unavailable, backoff, failures = None, _BACKOFF_MIN_S, 0
+                                                     timeout_s=min(WATCH_TIMEOUT_S, max(1.0, left)),
+                                                     field_selector=selector, deadline=deadline):
+                    unavailable, failures = None, 0
                     rv = str((obj.get("metadata") or {}).get("resourceVersion") or rv)
                     if etype == "BOOKMARK":
                         continue
                     last = None if etype == "DELETED" else obj
-                    if last is not None and predicate(last):
-                        return last
+                    if done(last):
+                        return last  # type: ignore[return-value]
                     if time.monotonic() >= deadline:
                         break
             except KubeGone:
                 rv = None
             except KubeUnavailable as e:
-                # A broken stream resumes from rv; an absent server is only waited for when asked.
-                if not tolerate_unavailable and not isinstance(e, KubeStreamBroken):
-                    raise
+                # A broken stream resumes from rv at once; an unanswered or refused request backs off first.
                 unavailable = str(e)
                 failures += 1
-                if failures > 1:
-                    time.sleep(max(0.0, min(backoff, deadline - time.monotonic())))
-                    backoff = min(backoff * 2, _BACKOFF_MAX_S)
+                if failures > 1 or not isinstance(e, KubeStreamBroken):
+                    time.sleep(max(0.0, min(backoff_s(failures, e), deadline - time.monotonic())))
             except KubeTimeout:
                 continue
 
@@ -350,16 +437,17 @@ class Kube:
         return node_view(self.get_object("", "v1", "nodes", None, name, timeout_s=timeout_s))
 
     def uncordon(self, name: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> NodeView:
-        """Mark the Node schedulable and confirm it by reading it back."""
-        self.merge_patch("", "v1", "nodes", None, name, {"spec": {"unschedulable": False}}, timeout_s=timeout_s)
-        view = self.node(name, timeout_s=timeout_s)
+        """Mark the Node schedulable and confirm it by reading it back (both within ``timeout_s``)."""
+        deadline = time.monotonic() + timeout_s
+        self.merge_patch("", "v1", "nodes", None, name, {"spec": {"unschedulable": False}}, deadline=deadline)
+        view = node_view(self.get_object("", "v1", "nodes", None, name, deadline=deadline))
         if view.unschedulable:
             raise KubeError(f"Node {name}: still cordoned after the uncordon patch (spec.unschedulable is true); "
                             f"something re-cordons it (a drain in progress?): kubectl uncordon {name}")
         return view
 
     def wait_node(self, name: str, predicate: Callable[[NodeView], bool], deadline: float,
-                  tolerate_unavailable: bool = False, what: str | None = None,
+                  tolerate_unavailable: bool = True, what: str | None = None,
                   next_step: str | None = None) -> NodeView:
         """Watch Node ``name`` until ``predicate(NodeView)`` holds; the last NodeView, or KubeTimeout."""
         if what is None:

@@ -1,7 +1,8 @@
 """Proxmox VE through proxmoxer, in the domain's words: list the VMs, clone, configure, grow, start, await.
 
 Every mutating call returns the task's UPID; `wait_task` awaits it under a monotonic deadline and checks
-its exit status (a stopped task is not a successful one). Record the UPID before waiting: after a crash,
+its exit status (a stopped task is not a successful one; `WARNINGS: N` is one, as PVE::Tools
+upid_status_is_error and bpg/terraform-provider-proxmox read it). Record the UPID before waiting: after a crash,
 `task_status` re-checks it instead of repeating the call. Errors say whether a retry can help
 (`.retryable`); connection trouble is retried here, within the caller's deadline, for reads, and for
 writes only when the request never left (so a clone is never sent twice).
@@ -14,6 +15,8 @@ Example:
 
 from __future__ import annotations
 
+import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -26,14 +29,24 @@ from proxmoxer import ProxmoxAPI
 from proxmoxer.core import AuthenticationError, ResourceException
 from urllib3.exceptions import NewConnectionError
 
-from homelab.provision import ObservedVM, effective_config
+from homelab.provision import ObservedVM, PveNode, effective_config
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from blocks import Proxmox as ProxmoxBlock
 
 T = TypeVar("T")
-POLL_SECONDS = 0.2
+# Task status is polled about once a second, backing off to 5 s for long tasks (a clone of a big disk):
+# every poll is a request the PVE node's pveproxy serves.
+POLL_SECONDS = 1.0
+POLL_MAX_SECONDS = 5.0
+POLL_BACKOFF = 1.5
 CALL_SECONDS = 30.0
+# PVE::UPID::status_is_error: "OK" and "WARNINGS: <n>" are success, anything else an error.
+_WARNINGS = re.compile(r"^WARNINGS: \d+$")
+# PVE::AbstractConfig::check_lock dies "VM is locked (<lock>)"; a config POST meets it synchronously (500).
+_LOCKED = re.compile(r"VM is locked \((\w+)\)")
 # Proxmox's own "the node did not answer" codes, from its proxy between nodes.
 _PROXY_DOWN = {595, 596}
 
@@ -105,6 +118,7 @@ class ProxmoxApi:
                                verify_ssl=verify_ssl, timeout=timeout)
         self.clock: Callable[[], float] = time.monotonic
         self.sleep: Callable[[float], None] = time.sleep
+        self.poll_seconds = POLL_SECONDS
 
     @classmethod
     def from_block(cls, block: ProxmoxBlock) -> ProxmoxApi:
@@ -161,16 +175,55 @@ class ProxmoxApi:
         per VM; `list_vms` when the values of the next start matter."""
         return [ObservedVM.from_api(item, None, node) for item in self._listing(node, deadline)]
 
-    def list_vms(self, node: str, *, deadline: float | None = None) -> list[ObservedVM]:
-        """Every VM on the node, each with its config as its next start will have it (pending applied)."""
+    def list_vms(self, node: str | None = None, *, deadline: float | None = None) -> list[ObservedVM]:
+        """Every VM of the Proxmox cluster (`/cluster/resources?type=vm`: a VM migrated to another node is
+        still found), each with its config as its next start will have it (pending applied), read on the node
+        it is on. `node` is accepted for older callers and ignored."""
+        listing = self._call("list the VMs of the Proxmox cluster",
+                             lambda: self._api.cluster.resources.get(type="vm"), deadline=deadline)
         out = []
-        for item in self._listing(node, deadline):
-            vmid = int(item["vmid"])
-            pending = self._call(f"read the config of VM {vmid} on node {node}",
-                                 partial(self._pending, node, vmid), deadline=deadline)
+        for item in sorted((i for i in listing or [] if i.get("type", "qemu") == "qemu"), key=lambda i: int(i["vmid"])):
+            vmid, where = int(item["vmid"]), str(item.get("node"))
+            pending = self._call(f"read the config of VM {vmid} on node {where}",
+                                 partial(self._pending, where, vmid), deadline=deadline)
             cfg, keys = effective_config(pending or [])
-            out.append(ObservedVM.from_api(item, cfg, node, keys))
+            out.append(ObservedVM.from_api(item, cfg, where, keys))
         return out
+
+    def nodes(self, *, deadline: float | None = None) -> list[PveNode]:
+        """The cluster's nodes with their memory use (`/cluster/resources?type=node`)."""
+        items = self._call("list the Proxmox nodes", lambda: self._api.cluster.resources.get(type="node"),
+                           deadline=deadline)
+        return sorted((PveNode.from_api(i) for i in items or []), key=lambda n: n.name)
+
+    def storages(self, *, deadline: float | None = None) -> list[dict[str, Any]]:
+        """Every storage on every node (`/cluster/resources?type=storage`: node, storage, content, shared)."""
+        items = self._call("list the storages", lambda: self._api.cluster.resources.get(type="storage"),
+                           deadline=deadline)
+        return [dict(i) for i in items or []]
+
+    def privileges(self, path: str, *, deadline: float | None = None) -> set[str]:
+        """The token's effective privileges on an ACL path (`GET /access/permissions?path=`)."""
+        data = self._call(f"read the API token's privileges on {path}",
+                          lambda: self._api.access.permissions.get(path=path), deadline=deadline)
+        held: set[str] = set()
+        for privs in (data or {}).values():
+            held.update(k for k, v in (privs or {}).items() if v not in (0, "0", False))
+        return held
+
+    def vm_config(self, node: str, vmid: int, *, deadline: float | None = None) -> dict[str, Any]:
+        data: dict[str, Any] = self._call(f"read the config of VM {vmid} on node {node}",
+                                          lambda: self._api.nodes(node).qemu(vmid).config.get(), deadline=deadline)
+        return data or {}
+
+    def agent_interfaces(self, node: str, vmid: int, *, deadline: float | None = None) -> list[dict[str, Any]]:
+        """The guest's NICs as the QEMU guest agent reports them (`agent/network-get-interfaces`); raises
+        ProxmoxApiError 500 "QEMU guest agent is not running" until the guest's agent answers."""
+        data = self._call(f"ask the guest agent of VM {vmid} on node {node} for its addresses",
+                          lambda: self._api.nodes(node).qemu(vmid).agent("network-get-interfaces").get(),
+                          deadline=deadline)
+        result = (data or {}).get("result") if isinstance(data, dict) else data
+        return [dict(i) for i in result or []]
 
     def _pending(self, node: str, vmid: int) -> Any:
         return self._api.nodes(node).qemu(vmid).pending.get()
@@ -189,14 +242,44 @@ class ProxmoxApi:
     # --- acting: each returns the UPID to await ----------------------------------------------------
 
     def clone_template(self, node: str, template_vmid: int, vmid: int, name: str, *, storage: str | None = None,
-                       full: bool = True, description: str | None = None) -> str:
+                       full: bool = True, description: str | None = None, target: str | None = None) -> str:
         params: dict[str, Any] = {"newid": vmid, "name": name, "full": 1 if full else 0}
         if storage and full:
             params["storage"] = storage
         if description:
             params["description"] = description
-        return self._upid(f"clone template {template_vmid} to VM {vmid} ({name}) on node {node}",
+        if target and target != node:
+            params["target"] = target
+        return self._upid(f"clone template {template_vmid} to VM {vmid} ({name}) on node {target or node}",
                           lambda: self._api.nodes(node).qemu(template_vmid).clone.post(**params))
+
+    def create_vm(self, node: str, params: Mapping[str, Any]) -> str:
+        return self._upid(f"create VM {params.get('vmid')} on node {node}",
+                          lambda: self._api.nodes(node).qemu.post(**dict(params)))
+
+    def convert_to_template(self, node: str, vmid: int) -> str:
+        return self._upid(f"convert VM {vmid} on node {node} to a template",
+                          lambda: self._api.nodes(node).qemu(vmid).template.post())
+
+    def download_url(self, node: str, storage: str, url: str, filename: str, content: str = "iso") -> str:
+        """Proxmox downloads the file itself (the flow's worker never does): pve-storage download_url."""
+        return self._upid(f"download {url} to {storage}:{content}/{filename} on node {node}",
+                          lambda: self._api.nodes(node).storage(storage)("download-url").post(
+                              url=url, filename=filename, content=content))
+
+    def storage_files(self, node: str, storage: str, content: str = "iso") -> set[str]:
+        items = self._call(f"list {content} files of storage {storage} on node {node}",
+                           lambda: self._api.nodes(node).storage(storage).content.get(content=content))
+        return {str(i.get("volid")) for i in items or []}
+
+    def stop_vm(self, node: str, vmid: int) -> str:
+        return self._upid(f"stop VM {vmid} on node {node}", lambda: self._api.nodes(node).qemu(vmid).status.stop.post())
+
+    def delete_vm(self, node: str, vmid: int) -> str:
+        """Destroy the VM with its disks (`purge` drops it from backup jobs and HA as well)."""
+        return self._upid(f"delete VM {vmid} on node {node}",
+                          lambda: self._api.nodes(node).qemu(vmid).delete(**{"purge": 1,
+                                                                              "destroy-unreferenced-disks": 1}))
 
     def set_config(self, node: str, vmid: int, params: Mapping[str, Any]) -> str:
         """The asynchronous config update (POST): a qmconfig task."""
@@ -225,12 +308,14 @@ class ProxmoxApi:
     # --- awaiting --------------------------------------------------------------------------------
 
     def wait_task(self, node: str, upid: str, deadline: float, *, what: str | None = None) -> dict[str, Any]:
-        """Poll the task until it stopped, before the monotonic deadline; its status when it ended OK.
+        """Poll the task until it stopped, before the monotonic deadline; its status when it ended OK or with
+        warnings (then `status["warnings"]` holds the task log's WARN lines, which the caller logs).
 
         Raises ProxmoxTaskFailed (exit status not OK, with the task's last log line) or ProxmoxTimeout.
         """
         what = what or f"task {upid}"
         status: dict[str, Any] = {}
+        pause = self.poll_seconds
         while True:
             status = self.task_status(node, upid, deadline=deadline)
             if status.get("status") == "stopped":
@@ -241,7 +326,8 @@ class ProxmoxApi:
                     f"{what} on node {node} was still {status.get('status', 'unknown')} at the deadline; it may yet "
                     f"finish: look at it in Proxmox (node {node} → Task History, {upid}) and rerun, which "
                     "re-checks this task instead of starting another", upid, str(status.get("status")))
-            self.sleep(min(POLL_SECONDS, left))
+            self.sleep(min(pause, left))
+            pause = min(pause * POLL_BACKOFF, max(POLL_MAX_SECONDS, self.poll_seconds))
         exitstatus = str(status.get("exitstatus", ""))
         if exitstatus == "OK":
             return status
@@ -249,10 +335,37 @@ class ProxmoxApi:
             lines = self.task_log(node, upid, deadline=max(deadline, self.clock() + 5))
         except ProxmoxError:
             lines = []
+        if _WARNINGS.match(exitstatus):
+            status["warnings"] = [ln for ln in lines if ln.startswith("WARN")] or [exitstatus]
+            for line in status["warnings"]:
+                log.warning("%s on node %s: %s", what, node, line)
+            return status
         last = next((ln for ln in reversed(lines) if ln.strip()), f"TASK ERROR: {exitstatus}")
         raise ProxmoxTaskFailed(
             f"{what} on node {node} failed: {last} (exit status {exitstatus!r}, {upid}); fix the cause in Proxmox, "
             "then rerun: the run re-reads what exists and goes on from there", upid, exitstatus, last)
+
+    def while_locked(self, what: str, call: Callable[[], T], deadline: float,
+                     on_wait: Callable[[str], None] | None = None) -> T:
+        """call(), waited out while PVE refuses it because the VM is locked (a backup or a migration holds
+        it: "VM is locked (backup)", 500, synchronous); until the deadline, then the refusal with advice."""
+        pause = self.poll_seconds
+        while True:
+            try:
+                return call()
+            except ProxmoxApiError as e:
+                m = _LOCKED.search(str(e))
+                if e.status != 500 or m is None:
+                    raise
+                if self.clock() + pause > deadline:
+                    raise ProxmoxApiError(
+                        f"{what}: the VM stayed locked ({m.group(1)}) until the deadline; let the {m.group(1)} "
+                        "finish (node → Task History), or if nothing runs, `qm unlock <vmid>`; then rerun",
+                        500, retryable=True) from None
+                if on_wait is not None:
+                    on_wait(m.group(1))
+                self.sleep(pause)
+                pause = min(pause * POLL_BACKOFF, max(POLL_MAX_SECONDS, self.poll_seconds))
 
     def run(self, node: str, what: str, call: Callable[[], str], deadline: float) -> dict[str, Any]:
         """Start a task and await it: for callers that need not record the UPID in between."""

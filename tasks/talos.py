@@ -16,7 +16,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +68,10 @@ class TalosTimeout(TalosUnavailable):
 
 class TalosCommandError(TalosError):
     """Talos answered and refused, or talosctl failed in a way a retry will not change."""
+
+
+class TalosAborted(TalosError):
+    """talosctl was killed on purpose before it finished (the run lost its lock)."""
 
 
 class TalosOutputError(TalosCommandError):
@@ -256,6 +263,23 @@ def remaining(deadline: float | None, default: float) -> float:
     return min(default, deadline - time.monotonic())
 
 
+KILL_GRACE_S = 5.0
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM to talosctl's session, SIGKILL after KILL_GRACE_S (homelab/lease.py counts on it)."""
+    for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 @dataclass(frozen=True)
 class ApplyResult:
     changed: bool | None  # known only for a dry run
@@ -288,31 +312,54 @@ class Talosctl:
         """A planned argv (``[talosctl, cmd, ...]``) with this client's executable and global flags."""
         return self.argv(*argv[1:])
 
-    def run(self, args: Sequence[str], timeout_s: float | None = None, deadline: float | None = None) -> str:
-        """Run ``talosctl <args>``; stdout on success, else a TalosError."""
+    def run(self, args: Sequence[str], timeout_s: float | None = None, deadline: float | None = None,
+            abort: threading.Event | None = None) -> str:
+        """Run ``talosctl <args>``; stdout on success, else a TalosError. When `abort` is set while it
+        runs (the disruption lock's ownership ran out), talosctl is killed and TalosAborted raised."""
         argv = self.argv(*args)
-        shown = " ".join(["talosctl", *args])
+        shown = shlex.join(["talosctl", *args])
         budget = remaining(deadline, timeout_s if timeout_s is not None else self.timeout_s)
         if budget <= 0:
             raise TalosTimeout(f"`{shown}` not started: the deadline has passed", command=shown)
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=budget,
-                                  env={**os.environ, **self.env}, stdin=subprocess.DEVNULL, check=False)
-        except subprocess.TimeoutExpired as e:
-            tail = last_line(e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or ""))
-            raise TalosTimeout(f"`{shown}` did not finish within {budget:.0f}s"
-                               + (f"; last: {tail}" if tail else ""), command=shown, stderr_tail=tail) from None
+            # A session of its own: a SIGTERM to the caller's process group leaves it to us to stop it,
+            # and the kill below reaches whatever talosctl started.
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env={**os.environ, **self.env}, stdin=subprocess.DEVNULL, start_new_session=True)
         except FileNotFoundError:
             raise TalosCommandError(f"talosctl executable {self.path!r} not found; set talosctl_path in the "
                                     f"Talos block", command=shown) from None
         except PermissionError:
             raise TalosCommandError(f"talosctl executable {self.path!r} is not executable", command=shown) from None
+        ends = time.monotonic() + budget
+        try:
+            while True:
+                step = min(0.2, ends - time.monotonic()) if abort is not None else ends - time.monotonic()
+                try:
+                    stdout, stderr = proc.communicate(timeout=max(0.0, step))
+                    break
+                except subprocess.TimeoutExpired:
+                    if abort is not None and abort.is_set():
+                        _stop(proc)
+                        raise TalosAborted(f"`{shown}` was stopped: this run no longer holds the disruption lock",
+                                           command=shown) from None
+                    if time.monotonic() >= ends:
+                        _stop(proc)
+                        _, err = proc.communicate()
+                        tail = last_line(err or "")
+                        raise TalosTimeout(f"`{shown}` did not finish within {budget:.0f}s"
+                                           + (f"; last: {tail}" if tail else ""), command=shown,
+                                           stderr_tail=tail) from None
+        except BaseException:
+            if proc.poll() is None:  # interrupted (a signal, a cancel): never leave talosctl behind
+                _stop(proc)
+            raise
         if proc.returncode != 0:
-            tail = last_line(proc.stderr) or last_line(proc.stdout)
-            cls = TalosUnavailable if _UNAVAILABLE.search(proc.stderr or "") else TalosCommandError
+            tail = last_line(stderr) or last_line(stdout)
+            cls = TalosUnavailable if _UNAVAILABLE.search(stderr or "") else TalosCommandError
             raise cls(f"`{shown}` failed (exit {proc.returncode}): {tail or 'no error output'}",
                       command=shown, returncode=proc.returncode, stderr_tail=tail)
-        return proc.stdout
+        return stdout
 
     # -- reads --
 
@@ -360,9 +407,9 @@ class Talosctl:
                         deadline=None if deadline is None else deadline + GRACE_S)
 
     def upgrade_k8s(self, to: str, dry_run: bool = False, node: str | None = None, timeout_s: float = 1800,
-                    deadline: float | None = None) -> str:
+                    deadline: float | None = None, abort: threading.Event | None = None) -> str:
         argv = upgrade_k8s_argv(self.path, to, dry_run, node)
-        return self.run(argv[1:], timeout_s=timeout_s, deadline=deadline)
+        return self.run(argv[1:], timeout_s=timeout_s, deadline=deadline, abort=abort)
 
     def etcd_snapshot(self, path: Path, node: str, deadline: float | None = None) -> Path:
         """A consistent etcd snapshot from one member, written to ``path`` (checked non-empty)."""

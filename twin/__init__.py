@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from twin.state import KUBE_FLAKY_DEFAULT_SHARE, Knobs, World, parse_fault, seed_world
+from twin.state import Knobs, World, fault_value, parse_fault, seed_world
 
 __all__ = ["Knobs", "Twin", "TwinError"]
 
@@ -33,7 +33,11 @@ class TwinError(RuntimeError):
 
 class Twin:
     def __init__(self, tree: Path, workdir: Path, state: str = "pre-upgrade", faults: Iterable[str] = (),
-                 knobs: Knobs | None = None, ceph: str = "sim") -> None:
+                 knobs: Knobs | None = None, ceph: str = "sim", proxmox: dict[str, Any] | None = None,
+                 monitoring: Any = "none") -> None:
+        """proxmox: options of the simulated Proxmox (twin.proxmox.FakeProxmox: nodes, shared_storage,
+        template_disk, with_template, time_scale). monitoring: "none", "real" (a real Prometheus and
+        Alertmanager of its own, twin.monitoring_real) or a started RealMonitoring to attach to (tests share one)."""
         from homelab.config import load_tree
 
         self.tree_src = Path(tree)
@@ -43,6 +47,16 @@ class Twin:
         if ceph not in ("sim", "real"):
             raise ValueError(f"ceph must be 'sim' or 'real', got {ceph!r}")
         self.ceph_kind = ceph
+        if not (monitoring in ("none", "real") or hasattr(monitoring, "attach")):
+            raise ValueError(f"monitoring must be 'none', 'real' or a RealMonitoring, got {monitoring!r}")
+        self.monitoring_kind = "none" if monitoring == "none" else "real"
+        self._shared_monitoring = None if isinstance(monitoring, str) else monitoring
+        self.monitoring: Any = None  # the RealMonitoring serving this twin, once started
+        self.monitoring_cluster: str | None = None
+        self.monitoring_start_seconds: float | None = None
+        self.proxmox_options = dict(proxmox or {})
+        self.sops_age_key: str | None = None
+        self._leases: dict[str, str] = {}
         self.tree = load_tree(self.tree_src)
         if not self.tree.clusters:
             problems = "; ".join(f"{p}" for p in self.tree.problems[:5]) or "no clusters/<name>/ directories"
@@ -98,7 +112,7 @@ class Twin:
         if prox_cfg is not None:
             from twin.proxmox import FakeProxmox
             self.proxmox = FakeProxmox(prox_cfg, self.workdir / "proxmox", self.state == "synced",
-                                       self._on_vm_power)
+                                       self._on_vm_power, **self.proxmox_options)
             self.proxmox.launch()
             self._parts.append(self.proxmox)
 
@@ -126,11 +140,14 @@ class Twin:
 
         self.git = GitRepo(self.git_dir)
         self.git.init(self.tree_src)
+        if self.proxmox is not None:
+            self._own_proxmox_tree()
         revision = self.git.revision()
 
         for name, cluster in self.world.clusters.items():
             store = KubeStore()
             server = KubeApiServer(store, token=self._kube_token)
+            server.bookmark_interval_s = self.knobs.bookmark_seconds
             server.available = cluster.bootstrapped
             server.start()
             self.stores[name] = store
@@ -160,12 +177,53 @@ class Twin:
 
         _write_private(self.kubeconfig, self.kubeconfig_text(None) or "")
         _write_private(self.talosconfig, self.talosconfig_text())
+        if self.monitoring_kind == "real":
+            self._start_monitoring()
         if self.proxmox is not None:
             self.proxmox.wait_ready()
         # After every part is up: proxmox-task-fails is a command to the running fakepve.
         for name, arg in self._initial_faults:
             self.inject(name, arg)
         _write_private(self.env_file, self.env_text())
+
+    def _start_monitoring(self) -> None:
+        """The real Prometheus and Alertmanager, scraping the exporters of the cluster that runs
+        kube-prometheus-stack in the tree (m720q: k8s/infrastructure/monitoring)."""
+        from twin.metrics import TwinExporters
+        from twin.monitoring_real import RealMonitoring, Scrape
+
+        t0 = time.monotonic()
+        cluster = self._monitored_cluster()
+        self.monitoring_cluster = cluster
+        c = self.world.clusters[cluster]
+        scrape = Scrape(cluster, tuple((n.hostname, n.ip) for n in c.nodes.values()), c.ceph)
+        exporters = TwinExporters(self, cluster)
+        if self._shared_monitoring is not None:
+            mon = self._shared_monitoring
+            if mon.scrape != scrape:
+                raise TwinError(f"the shared Prometheus scrapes {mon.scrape}, this twin's {cluster} is {scrape}")
+            mon.attach(exporters.render)
+            self.monitoring = mon
+            self._parts.append(_Detach(mon))
+        else:
+            mon = RealMonitoring(self.workdir / "monitoring", scrape)
+            self._parts.append(mon)
+            mon.start()
+            mon.attach(exporters.render)
+            self.monitoring = mon
+            # Gates are only as good as the data: return once Prometheus has the twin's metrics.
+            mon.wait_scraping()
+        self.monitoring_start_seconds = round(time.monotonic() - t0, 2)
+
+    def _monitored_cluster(self) -> str:
+        for name in self.world.clusters:
+            try:
+                releases = self.stores[name].list("helm.toolkit.fluxcd.io/v2", "HelmRelease")
+            except Exception:  # no HelmRelease kind served in that cluster
+                continue
+            if any((hr.get("metadata") or {}).get("name") == "kube-prometheus-stack" for hr in releases):
+                return name
+        return self._default_cluster()
 
     def _ceph_power(self, ceph_cluster: str, cluster: str, host: str, down: bool) -> None:
         """A node of the Ceph cluster powers off (its OSD stops) or is back (its OSD starts)."""
@@ -237,6 +295,9 @@ class Twin:
         if name in SIM_CEPH_FAULTS and self.ceph_kind == "real":
             raise ValueError(f"fault {name} acts on the simulated Ceph only; with real Ceph stop an OSD instead "
                              f"(Twin.ceph.node_down(<host>)) or set the pool's min_size to 3")
+        if FAULTS[name] == "alertname" and self.monitoring_kind != "real":
+            raise ValueError(f"fault {name} fires through the real Prometheus and Alertmanager: start the twin with "
+                             f"monitoring real (--monitoring real)")
         if FAULTS[name] == "host" and arg not in self.world.hosts():
             raise ValueError(f"fault {name}={arg}: no node named {arg!r}; nodes: {', '.join(self.world.hosts())}")
         if FAULTS[name] == "kustomization":
@@ -250,12 +311,20 @@ class Twin:
         self._check_fault_target(name, arg)
         with self.world.lock:
             self.world.faults.add(name, arg)
-        if name == "kube-flaky":
-            for server in self.kube.values():
-                server.flaky_share = float(arg) if arg else KUBE_FLAKY_DEFAULT_SHARE
+        for server in self.kube.values():
+            if name == "kube-flaky":
+                server.flaky_share = fault_value(name, arg)
                 server.added_latency_s = 0.05
+            elif name == "kube-throttle":
+                server.throttle_share = fault_value(name, arg)
+            elif name == "kube-blackhole":
+                server.blackhole_for(fault_value(name, arg))
+            elif name == "watch-504":
+                server.watch_504_after_s = self.knobs.watch_504_seconds
         if name == "proxmox-task-fails" and self.proxmox is not None:
             self.proxmox.fail_tasks(True)
+        if name == "alert-firing" and self.monitoring is not None and arg:
+            self.monitoring.fire(arg)
         # node-never-ready bites at the node's next boot: a node Ready now stays so until it reboots.
         self.world.changed()
 
@@ -264,6 +333,8 @@ class Twin:
         from twin.state import FAULTS
         if name not in FAULTS:
             parse_fault(name)  # raises the ValueError naming the known faults
+        if name == "alert-firing" and self.monitoring is not None:
+            self.monitoring.unfire(arg or given or None)
         with self.world.lock:
             self.world.faults.clear(name, arg or given or None)
             if name == "node-never-ready":
@@ -272,10 +343,16 @@ class Twin:
                                                                  for x in c.nodes.values()]):
                     if n is not None and n.talos_up and self.world.clusters[n.cluster].bootstrapped:
                         n.ready = True
-        if name == "kube-flaky":
-            for server in self.kube.values():
+        for server in self.kube.values():
+            if name == "kube-flaky":
                 server.flaky_share = 0.0
                 server.added_latency_s = 0.0
+            elif name == "kube-throttle":
+                server.throttle_share = 0.0
+            elif name == "kube-blackhole":
+                server.blackhole_for(0.0)
+            elif name == "watch-504":
+                server.watch_504_after_s = None
         if name == "proxmox-task-fails" and self.proxmox is not None:
             self.proxmox.fail_tasks(False)
         if name == "ceph-stuck" and hasattr(self.ceph, "_notify"):
@@ -313,6 +390,9 @@ class Twin:
     def env(self) -> dict[str, str]:
         env = {"KUBECONFIG": str(self.kubeconfig), "TALOSCONFIG": str(self.talosconfig)}
         env.update(self.ceph.env() if self.ceph is not None else {})
+        if self.monitoring is not None:
+            env.update({"HOMELAB_PROMETHEUS_URL": self.monitoring.prometheus_url,
+                        "HOMELAB_ALERTMANAGER_URL": self.monitoring.alertmanager_url})
         if self.proxmox is not None:
             env.update({"HOMELAB_PROXMOX_URL": self.proxmox.url, "HOMELAB_PROXMOX_TOKEN_ID": self.proxmox.token_id,
                         "HOMELAB_PROXMOX_TOKEN_SECRET": self.proxmox.token_value})
@@ -329,82 +409,194 @@ class Twin:
 
     # --- the Proxmox side ------------------------------------------------------------------
 
+    def _own_proxmox_tree(self) -> None:
+        """The twin's copy of the tree describes the twin's world: cluster.yaml's proxmox.endpoint is the
+        simulated Proxmox (the flow cross-checks it against the block), and talsecret.sops.yaml is re-keyed:
+        fresh cluster secrets, SOPS-encrypted to an age key of the twin's own (the real file is encrypted to a
+        key the twin does not have); that key goes into the Homelab block the twin registers."""
+        import re as _re
+
+        from twin.talos_gen import rekey_talsecret
+        changed = False
+        for name, c in self.tree.clusters.items():
+            if c.proxmox is None:
+                continue
+            path = self.git.tree / "clusters" / name / "cluster.yaml"
+            text = path.read_text()
+            new = _re.sub(r"(?m)^(proxmox:\n(?:[ \t].*\n)*?[ \t]+endpoint:[ \t]*)\S+",
+                          lambda m: m.group(1) + self.proxmox.url, text, count=1)
+            if new != text:
+                path.write_text(new)
+                changed = True
+            secret = self.git.tree / "clusters" / name / "talos" / "talsecret.sops.yaml"
+            if secret.exists():
+                self.sops_age_key = rekey_talsecret(secret, self.sops_age_key)
+                changed = True
+        if changed:
+            self.git.commit_all("twin: the simulated Proxmox endpoint and the twin's own SOPS key")
+
+    def dhcp_lease(self, mac: str) -> str:
+        """The address the homelab's DHCP server hands a VM booting into maintenance mode: one per MAC, from
+        the top of the LAN's range (10.42.0.200 up), never a node's static address."""
+        with self.world.lock:
+            if mac not in self._leases:
+                taken = {n.ip for c in self.world.clusters.values() for n in c.nodes.values()}
+                host = 200 + len(self._leases)
+                while f"10.42.0.{host % 256}" in taken:
+                    host += 1
+                self._leases[mac] = f"10.42.{host // 256}.{host % 256}"
+            return self._leases[mac]
+
+    def _agent_reports(self, vmid: int, mac: str, ip: str | None) -> None:
+        """Tell the simulated Proxmox what the VM's guest agent now answers (the qemu-guest-agent extension
+        of cluster.yaml's schematic runs from the image, maintenance mode included)."""
+        if self.proxmox is None or not self.proxmox.running:
+            return
+        ifaces = None if ip is None else [
+            {"name": "lo", "hardware-address": "00:00:00:00:00:00",
+             "ip-addresses": [{"ip-address": "127.0.0.1", "ip-address-type": "ipv4", "prefix": 8}]},
+            {"name": "eth0", "hardware-address": mac.lower(),
+             "ip-addresses": [{"ip-address": ip, "ip-address-type": "ipv4", "prefix": 24}]}]
+        try:
+            self.proxmox.set_agent(vmid, ifaces)
+        except Exception:  # the VM may be gone meanwhile; the agent's answer then does not matter
+            pass
+
     def _on_vm_power(self, name: str, vmid: int, running: bool) -> None:
         n = self.world.node(name)
         if n is None:
             return
+        info = self.proxmox.vm_info.get(vmid, {}) if self.proxmox is not None else {}
+        mac = str(info.get("mac") or "")
         with self.world.lock:
             if running and n.phase == "off":
+                n.disk = "/dev/vda" if str(info.get("disk", "")).startswith("virtio") else "/dev/sda"
                 if n.installed:
                     self.world.update(n, phase="rebooting")
-                    self.world.spawn(lambda: self._boot(n), f"boot-{name}")
+                    self.world.spawn(lambda: self._boot(n, vmid, mac), f"boot-{name}")
                 else:
-                    self.world.update(n, phase="maintenance", ready=False)
+                    self.world.update(n, phase="maintenance", ready=False, dhcp_ip=self.dhcp_lease(mac))
             elif not running and n.phase != "off":
                 self.world.update(n, phase="off", ready=False, etcd_running=False)
+        if running and n.phase == "maintenance" and info.get("agent"):
+            self._agent_reports(vmid, mac, n.dhcp_ip)
+            self.world.spawn(lambda: self._report_installed(n, vmid, mac), f"agent-{name}")
         if not running:
             self.world.power(n, down=True)
 
-    def _boot(self, n: Any) -> None:
+    def _report_installed(self, n: Any, vmid: int, mac: str) -> None:
+        """Once the VM runs the installed Talos, its agent reports the static address."""
+        if self.world.wait_for(lambda: n.phase == "running" or n.phase == "off", 3600):
+            if n.phase == "running":
+                self._agent_reports(vmid, mac, n.ip)
+
+    def _boot(self, n: Any, vmid: int = 0, mac: str = "") -> None:
         import uuid
         if not self.world.sleep(self.knobs.reboot_seconds):
             return
         with self.world.lock:
             if n.phase != "rebooting":
                 return
-            boot = self.world.clusters[n.cluster].bootstrapped
+            cluster = self.world.clusters[n.cluster]
             self.world.update(n, phase="running", boot_id=str(uuid.uuid4()), etcd_running=bool(n.etcd_member_id),
-                              ready=boot and not self.world.faults.has("node-never-ready", n.hostname))
+                              booted_at=time.monotonic(),
+                              ready=cluster.bootstrapped and cluster.cni_ready
+                              and not self.world.faults.has("node-never-ready", n.hostname))
         self.world.power(n, down=False)
+        if mac:
+            self._agent_reports(vmid, mac, n.ip)
 
     # --- seeding ---------------------------------------------------------------------------
+
+    def _tree_doc(self, file: str, kind: str, name: str, index: int | None = None) -> dict[str, Any] | None:
+        """The manifest of ``kind``/``name`` in ``file`` (a path as the tree names it, under its own root
+        directory) as committed to the twin's repository; None when it is not there."""
+        rel = Path(*Path(file).parts[1:])
+        try:
+            docs = [d for d in yaml.safe_load_all((self.git.tree / rel).read_text()) if isinstance(d, dict)]
+        except (OSError, yaml.YAMLError):
+            return None
+        if index is not None and index < len(docs) and docs[index].get("kind") == kind:
+            return docs[index]
+        return next((d for d in docs if d.get("kind") == kind and (d.get("metadata") or {}).get("name") == name), None)
 
     def _seed_store(self, cluster: str, store: Any, revision: str, with_ceph: bool) -> None:
         from twin import controllers as ctl
         flux = self.tree.clusters[cluster].flux
-        # The HelmReleases each Kustomization applies, from the git head, Ready as helm-controller leaves them.
+        # What each Kustomization applies, from the git head: HelmReleases Ready as helm-controller leaves
+        # them, and the sources they read (HelmRepositories, OCIRepositories, Buckets).
         releases: dict[tuple[str, str], dict[str, Any]] = {}
+        applied_sources: dict[tuple[str, str, str], dict[str, Any]] = {}
         for k in sorted(flux.kustomizations.values(), key=lambda k: k.key):
             if k.suspend:
                 continue
-            for hr in ctl.helmreleases_at(self.git.path, k.path):
-                obj = ctl.helmrelease_object(hr, k.key)
-                releases.setdefault((obj["metadata"]["namespace"], obj["metadata"]["name"]), obj)
+            for doc in ctl.flux_objects_at(self.git.path, k.path, ("HelmRelease", *ctl.SOURCE_KINDS)):
+                meta = doc.get("metadata") or {}
+                if doc["kind"] == "HelmRelease":
+                    obj = ctl.helmrelease_object(doc, k.key)
+                    releases.setdefault((obj["metadata"]["namespace"], obj["metadata"]["name"]), obj)
+                else:
+                    applied_sources.setdefault((doc["kind"], str(meta.get("namespace") or "default"),
+                                                str(meta.get("name"))), doc)
         namespaces = ({"default", "kube-system", "flux-system"} | {k.namespace for k in flux.kustomizations.values()}
-                      | {ns for ns, _ in releases})
+                      | {ns for ns, _ in releases} | {ns for _, ns, _ in applied_sources})
         if with_ceph:
             namespaces.add("rook-ceph")
         for ns in sorted(namespaces):
             store.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns},
                           "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}})
-        sources = {(s.namespace, s.name): s for s in flux.sources.values() if s.kind == "GitRepository"}
+        # Every source a Kustomization reads: its manifest in the tree when there is one (the cluster's
+        # flux-system sync), else the shape flux bootstrap or an operator would have created.
+        sources: dict[tuple[str, str, str], dict[str, Any]] = dict(applied_sources)
+        for fs in flux.sources.values():
+            source_doc = self._tree_doc(fs.file, fs.kind, fs.name)
+            if source_doc is not None:
+                sources[(fs.kind, fs.namespace, fs.name)] = source_doc
+        defaults = {
+            "GitRepository": {"interval": "1m0s", "ref": {"branch": "main"}, "timeout": "60s",
+                              "url": f"file://{self.git_dir}"},
+            "OCIRepository": {"interval": "1m0s", "ref": {"tag": "latest"}, "url": "oci://registry.homelab.lan/k8s"},
+            "Bucket": {"interval": "1m0s", "bucketName": "k8s", "endpoint": "minio.homelab.lan:9000",
+                       "provider": "generic"},
+        }
         for k in flux.kustomizations.values():
-            if k.source_kind == "GitRepository" and (k.source_namespace, k.source_name) not in sources:
-                sources[(k.source_namespace, k.source_name)] = None  # type: ignore[assignment]
-        for (ns, name), s in sorted(sources.items()):
-            url = (s.url if s is not None and s.url else f"file://{self.git_dir}")
-            store.create({
-                "apiVersion": ctl.SRC_API, "kind": "GitRepository", "metadata": {"name": name, "namespace": ns},
-                "spec": {"interval": "1m0s", "ref": {"branch": "main"}, "timeout": "60s", "url": url},
-                "status": {"observedGeneration": 1, "artifact": ctl.artifact(ns, name, revision),
-                           "conditions": [ctl.condition("Ready", "True", "Succeeded",
-                                                        f"stored artifact for revision '{revision}'", 1)]}})
+            key = (k.source_kind, k.source_namespace, k.source_name)
+            if k.source_kind in defaults and key not in sources:
+                sources[key] = {"spec": defaults[k.source_kind]}
+        for (kind, ns, name), doc in sorted(sources.items()):
+            obj = {"apiVersion": ctl.SRC_API, "kind": kind, "metadata": {"name": name, "namespace": ns},
+                   "spec": dict(doc.get("spec") or {})}
+            if kind == "GitRepository" and not obj["spec"].get("url"):
+                obj["spec"]["url"] = f"file://{self.git_dir}"
+            rev = ctl.source_revision(kind, obj, self.git)
+            obj["status"] = {"observedGeneration": 1, "artifact": ctl.artifact(kind, ns, name, rev),
+                             "conditions": [ctl.condition("Ready", "True", "Succeeded",
+                                                          f"stored artifact for revision '{rev}'", 1)]}
+            store.create(obj)
         for k in sorted(flux.kustomizations.values(), key=lambda k: k.key):
-            spec: dict[str, Any] = {"interval": k.interval or "10m0s", "path": k.path, "prune": True,
-                                    "sourceRef": {"kind": k.source_kind, "name": k.source_name,
-                                                  "namespace": k.source_namespace}}
+            ks_doc = self._tree_doc(k.file, "Kustomization", k.name, k.index)
+            spec: dict[str, Any] = dict((ks_doc or {}).get("spec") or {}) or {
+                "interval": k.interval or "10m0s", "path": k.path, "prune": True}
+            spec["sourceRef"] = {"kind": k.source_kind, "name": k.source_name, "namespace": k.source_namespace}
             if k.depends_on:
                 spec["dependsOn"] = [{"name": n, "namespace": ns} for ns, n in k.depends_on]
             if k.suspend:
                 spec["suspend"] = True
+            applied = revision if k.source_kind not in ctl.SOURCE_KINDS[1:3] else ctl.source_revision(
+                k.source_kind, store.get(ctl.SRC_API, k.source_kind, k.source_namespace, k.source_name) or {},
+                self.git)
             store.create({
                 "apiVersion": ctl.KS_API, "kind": "Kustomization", "metadata": {"name": k.name, "namespace": k.namespace},
                 "spec": spec,
-                "status": {"observedGeneration": 1, "lastAppliedRevision": revision, "lastAttemptedRevision": revision,
+                "status": {"observedGeneration": 1, "lastAppliedRevision": applied, "lastAttemptedRevision": applied,
                            "conditions": [ctl.condition("Ready", "True", "ReconciliationSucceeded",
-                                                        f"Applied revision: {revision}", 1)]}})
+                                                        f"Applied revision: {applied}", 1)]}})
         for _, obj in sorted(releases.items()):
             store.create(obj)
+            chart = ctl.helmchart_object(obj)
+            if chart is not None and store.get(ctl.SRC_API, "HelmChart", chart["metadata"]["namespace"],
+                                               chart["metadata"]["name"]) is None:
+                store.create(chart)
         if with_ceph:
             store.create(ctl.ceph_cluster_object(self.ceph.health()))
 
@@ -422,3 +614,13 @@ def _fake_pem(what: str) -> str:
     import base64
     return base64.b64encode(f"-----BEGIN TWIN {what.upper()}-----\nnot-a-real-{what}\n-----END TWIN {what.upper()}-----\n"
                             .encode()).decode()
+
+
+class _Detach:
+    """A shared Prometheus outlives the twin: stopping the twin only takes its exporters (and faults) away."""
+
+    def __init__(self, monitoring: Any) -> None:
+        self.monitoring = monitoring
+
+    def stop(self) -> None:
+        self.monitoring.attach(None)

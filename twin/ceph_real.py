@@ -1,7 +1,20 @@
 """A real, throw-away Ceph cluster on loopback: the twin's Ceph seam backed by the Debian daemons.
 
-One mon, one mgr and one BlueStore OSD per node (crush location ``host=<node>``), a replicated
-pool of size 3 / min_size 2 with failure domain ``host`` — the topology of the m720q cluster.
+The shape of the homelab's CephCluster (k8s/infrastructure/rook-ceph: ``mon.count: 3``,
+``mgr.count: 2``, ``allowMultiplePerNode: false``, one OSD per node): three mons ``a b c`` and
+two mgrs ``a b`` as Rook names them, each on a node of its own, and one BlueStore OSD per node,
+with a replicated pool of size 3 / min_size 2 and failure domain ``host``. A node's reboot
+(``node_down``/``node_up``) stops and starts every daemon on that node: its OSD, its mon, and
+its mgr — when that is the active one, the standby really takes over.
+
+Each daemon runs with ``NODE_NAME=<node>`` in its environment, as Rook's pods do
+(rook/rook pkg/operator/k8sutil/pod.go ``ClusterDaemonEnvVars``: ``NODE_NAME`` from
+``spec.nodeName``, used for mon, mgr and OSD containers); Ceph reports that as the daemon's
+hostname (ceph/ceph src/common/hostname.cc ``ceph_get_hostname``), so ``ceph mon metadata``
+names the node a mon runs on, as it does under Rook. The CRUSH host of a node's OSD is the
+node's name with dots turned into dashes (rook/rook pkg/daemon/ceph/client/crush.go
+``NormalizeCrushName``, applied in pkg/operator/ceph/cluster/osd/topology/topology.go).
+
 Everything (config, keys, data, logs, sockets) lives inside ``workdir``. The daemons run in
 the foreground (``-f``) as children of this process, so the owner can always stop them and
 nothing outlives it: ``stop()`` sends SIGTERM, then SIGKILL, and removes ``workdir``.
@@ -26,13 +39,16 @@ from pathlib import Path
 
 DAEMONS = ("ceph-mon", "ceph-mgr", "ceph-osd")
 INSTALL_HINT = (
-    "run scripts/install-ceph.sh as root (apt-get install --no-install-recommends ceph-mon ceph-mgr ceph-osd)"
+    "run scripts/install-system-packages.sh as root (apt-get install --no-install-recommends ceph-mon ceph-mgr ceph-osd)"
 )
 
 POOL = "rbd"
 PG_NUM = 16
-MON_ID = "a"
-MGR_ID = "x"
+# The homelab's CephCluster: mon.count 3, mgr.count 2 (k8s/infrastructure/rook-ceph/cluster/base).
+MONS = 3
+MGRS = 2
+# Rook names mons and mgrs with letters, in order (rook/rook pkg/operator/k8sutil/name.go IndexToName).
+DAEMON_LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 # SIGTERM makes a daemon shut down cleanly (an OSD tells the mon to mark it down); one that
 # ignores it this long gets SIGKILL.
@@ -48,11 +64,32 @@ def missing_daemons() -> list[str]:
     return [d for d in (*DAEMONS, "ceph", "rados", "ceph-authtool", "monmaptool") if shutil.which(d) is None]
 
 
+def crush_host(node: str) -> str:
+    """The CRUSH host bucket Rook gives a node's OSDs: its hostname with dots turned into dashes
+    (rook/rook pkg/daemon/ceph/client/crush.go NormalizeCrushName)."""
+    return node.replace(".", "-")
+
+
 def free_port() -> int:
     """A loopback port nobody listens on right now (the kernel's choice, so two clusters differ)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports nobody listens on: all held open until each is chosen."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(n):
+            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.bind(("127.0.0.1", 0))
+            ports.append(int(s.getsockname()[1]))
+        return ports
+
+
+def _node_env(host: str) -> dict[str, str]:
+    # Rook gives every Ceph daemon NODE_NAME=spec.nodeName (rook/rook pkg/operator/k8sutil/pod.go
+    # ClusterDaemonEnvVars); Ceph takes it as its hostname (ceph/ceph src/common/hostname.cc).
+    return {**os.environ, "NODE_NAME": host}
 
 
 def _die_with_parent() -> None:
@@ -64,8 +101,9 @@ def _die_with_parent() -> None:
 
 @dataclass
 class _Daemon:
-    name: str  # mon.a, mgr.x, osd.0
+    name: str  # mon.a, mgr.a, osd.0
     argv: list[str]
+    host: str  # the node it runs on (NODE_NAME)
     proc: subprocess.Popen[bytes] | None = None
 
 
@@ -87,11 +125,16 @@ class RealCeph:
         pool_size: int = 3,
         pool_min_size: int = 2,
         start_timeout_s: float = 120.0,
+        mons: int = MONS,
+        mgrs: int = MGRS,
     ) -> None:
         if not hosts:
             raise ValueError("RealCeph needs at least one host: one OSD runs per host")
-        if len(set(hosts)) != len(hosts):
-            raise ValueError(f"RealCeph hosts must be distinct, got {hosts}")
+        if len({crush_host(h) for h in hosts}) != len(hosts):
+            raise ValueError(f"RealCeph hosts must be distinct (also as CRUSH names), got {hosts}")
+        if not 1 <= mons <= len(hosts) or not 1 <= mgrs <= len(hosts):
+            raise ValueError(f"RealCeph runs at most one mon and one mgr per host: {mons} mons, {mgrs} mgrs, "
+                             f"{len(hosts)} hosts")
         self.workdir = Path(workdir)
         self.hosts = list(hosts)
         self.osd_size = osd_size
@@ -103,6 +146,9 @@ class RealCeph:
         self.conf = self.workdir / "ceph.conf"
         self.start_seconds: float | None = None
         self.osd_of_host = {host: i for i, host in enumerate(self.hosts)}
+        # Rook spreads mons and mgrs over distinct nodes (allowMultiplePerNode: false), a, b, c in order.
+        self.mon_of_host = {host: DAEMON_LETTERS[i] for i, host in enumerate(self.hosts[:mons])}
+        self.mgr_of_host = {host: DAEMON_LETTERS[i] for i, host in enumerate(self.hosts[:mgrs])}
         self._daemons: dict[str, _Daemon] = {}
         self._lock = threading.RLock()
         self._stopped = False
@@ -149,20 +195,36 @@ class RealCeph:
         atexit.unregister(self.stop)
 
     def node_down(self, host: str) -> None:
-        """The node powers off: its OSD gets SIGTERM (a clean shutdown) and we wait for it to exit."""
-        name = f"osd.{self._osd_id(host)}"
+        """The node powers off: every daemon on it (OSD, mon, mgr) gets SIGTERM, and we wait for them.
+
+        The OSD goes first: a SIGTERMed OSD asks a mon to mark it down and waits for the answer
+        (osd_mon_shutdown_timeout, 5 s), which never comes when that mon is the one going down with it.
+        """
         with self._lock:
-            self._terminate([name])
+            names = self._names_on(host)
+            self._terminate([n for n in names if n.startswith("osd.")])
+            self._terminate([n for n in names if not n.startswith("osd.")])
 
     def node_up(self, host: str) -> None:
-        """The node is back: its OSD starts again (no-op when it is running)."""
-        name = f"osd.{self._osd_id(host)}"
+        """The node is back: its daemons start again (those still running are left alone)."""
         with self._lock:
+            for name in self._names_on(host):
+                self.daemon_up(name)
+
+    def daemon_down(self, name: str) -> None:
+        """Stop one daemon (``mon.b``, ``mgr.a``, ``osd.2``) as its pod's deletion would: SIGTERM."""
+        with self._lock:
+            self._daemon(name)
+            self._terminate([name])
+
+    def daemon_up(self, name: str) -> None:
+        """Start one daemon again (no-op when it runs)."""
+        with self._lock:
+            d = self._daemon(name)
             if self._stopped:
                 raise CephStartError(
-                    f"cannot start {name} of {host}: the cluster in {self.workdir} was stopped"
+                    f"cannot start {name} of {d.host}: the cluster in {self.workdir} was stopped"
                 )
-            d = self._daemons[name]
             if d.proc is not None and d.proc.poll() is None:
                 return
             self._spawn(d)
@@ -187,10 +249,18 @@ class RealCeph:
         return d.proc.pid
 
     def pids(self) -> dict[str, int]:
-        """The live daemons by name (mon.a, mgr.x, osd.N)."""
+        """The live daemons by name (mon.a, mgr.a, osd.N)."""
         return {
             n: d.proc.pid for n, d in self._daemons.items() if d.proc is not None and d.proc.poll() is None
         }
+
+    def active_mgr(self) -> str | None:
+        """The active mgr's name as the mgr map has it (``a``), None while there is none."""
+        try:
+            stat = json.loads(self.ceph("mgr", "stat", "-f", "json", timeout_s=10))
+        except (CephStartError, subprocess.TimeoutExpired, ValueError):
+            return None
+        return str(stat["active_name"]) if stat.get("available") and stat.get("active_name") else None
 
     def ceph(self, *args: str, timeout_s: float = 30.0) -> str:
         """Run the real CLI against this cluster, bounded: without a mon it would hang forever."""
@@ -256,108 +326,87 @@ class RealCeph:
         except KeyError:
             raise ValueError(f"no OSD for host {host!r}; this cluster's hosts are {self.hosts}") from None
 
+    def _names_on(self, host: str) -> list[str]:
+        names = [f"osd.{self._osd_id(host)}"]
+        if host in self.mon_of_host:
+            names.append(f"mon.{self.mon_of_host[host]}")
+        if host in self.mgr_of_host:
+            names.append(f"mgr.{self.mgr_of_host[host]}")
+        return names
+
+    def _daemon(self, name: str) -> _Daemon:
+        try:
+            return self._daemons[name]
+        except KeyError:
+            raise ValueError(f"no daemon {name!r}; this cluster runs {sorted(self._daemons)}") from None
+
     def _bootstrap(self) -> None:
         w = self.workdir
-        for sub in ("run", "log", "crash", f"mon.{MON_ID}", f"mgr.{MGR_ID}"):
+        mons = list(self.mon_of_host.values())
+        mgrs = list(self.mgr_of_host.values())
+        for sub in ("run", "log", "crash", *(f"mon.{m}" for m in mons), *(f"mgr.{m}" for m in mgrs)):
             (w / sub).mkdir(parents=True, exist_ok=True)
         fsid = str(uuid.uuid4())
-        v2, v1 = free_port(), free_port()
-        self.conf.write_text(self._conf_text(fsid, v2, v1))
+        ports = iter(free_ports(2 * len(mons)))
+        addrs = {m: f"[v2:127.0.0.1:{next(ports)},v1:127.0.0.1:{next(ports)}]" for m in mons}
+        self.conf.write_text(self._conf_text(fsid, addrs))
 
-        mon_kr, admin_kr, mgr_kr = w / "mon.keyring", w / "admin.keyring", w / f"mgr.{MGR_ID}" / "keyring"
+        mon_kr, admin_kr = w / "mon.keyring", w / "admin.keyring"
         self._new_keyring(mon_kr, "mon.", {"mon": "allow *"})
         admin_caps = {"mon": "allow *", "osd": "allow *", "mgr": "allow *", "mds": "allow *"}
         self._new_keyring(admin_kr, "client.admin", admin_caps)
-        self._new_keyring(
-            mgr_kr, f"mgr.{MGR_ID}", {"mon": "allow profile mgr", "osd": "allow *", "mds": "allow *"}
-        )
         self._run(["ceph-authtool", str(mon_kr), "--import-keyring", str(admin_kr)])
-        self._run(["ceph-authtool", str(mon_kr), "--import-keyring", str(mgr_kr)])
+        for m in mgrs:
+            mgr_kr = w / f"mgr.{m}" / "keyring"
+            self._new_keyring(mgr_kr, f"mgr.{m}", {"mon": "allow profile mgr", "osd": "allow *", "mds": "allow *"})
+            self._run(["ceph-authtool", str(mon_kr), "--import-keyring", str(mgr_kr)])
         monmap = w / "monmap"
-        self._run(
-            [
-                "monmaptool",
-                "--create",
-                "--fsid",
-                fsid,
-                "--addv",
-                MON_ID,
-                f"[v2:127.0.0.1:{v2},v1:127.0.0.1:{v1}]",
-                str(monmap),
-            ]
-        )
-        self._run(
-            [
-                "ceph-mon",
-                "-c",
-                str(self.conf),
-                "--mkfs",
-                "-i",
-                MON_ID,
-                "--monmap",
-                str(monmap),
-                "--keyring",
-                str(mon_kr),
-            ]
-        )
+        argv = ["monmaptool", "--create", "--fsid", fsid]
+        for m, addr in addrs.items():
+            argv += ["--addv", m, addr]
+        self._run([*argv, str(monmap)])
+        self._parallel([["ceph-mon", "-c", str(self.conf), "--mkfs", "-i", m, "--monmap", str(monmap),
+                         "--keyring", str(mon_kr)] for m in mons], "mon mkfs")
 
-        self._add(f"mon.{MON_ID}", ["ceph-mon", "-f", "-c", str(self.conf), "-i", MON_ID])
-        self._add(f"mgr.{MGR_ID}", ["ceph-mgr", "-f", "-c", str(self.conf), "-i", MGR_ID])
+        host_of_mon = {m: h for h, m in self.mon_of_host.items()}
+        for m in mons:
+            self._add(f"mon.{m}", ["ceph-mon", "-f", "-c", str(self.conf), "-i", m], host_of_mon[m])
+        # mgr.a first: it becomes the active one, mgr.b the standby, as on a fresh Rook cluster.
+        for h, m in self.mgr_of_host.items():
+            self._add(f"mgr.{m}", ["ceph-mgr", "-f", "-c", str(self.conf), "-i", m], h)
 
-        # The pool first, so its PGs peer while the OSDs boot.
-        self.ceph("osd", "pool", "create", POOL, str(PG_NUM), str(PG_NUM), "replicated")
-        self.ceph("osd", "pool", "set", POOL, "size", str(self.pool_size), "--yes-i-really-mean-it")
-        self.ceph("osd", "pool", "set", POOL, "min_size", str(self.pool_min_size))
-        self.ceph("osd", "pool", "application", "enable", POOL, "rbd")
-
+        # The OSDs' stores are made while the mons elect (mkfs needs no mon without its config from
+        # one: --no-mon-config): keys, keyrings, mkfs.
         mkfs: list[tuple[int, subprocess.Popen[bytes]]] = []
+        osd_uuids: dict[int, str] = {}
+        keys: dict[int, str] = {}
         for i in self.osd_of_host.values():
             data = w / f"osd.{i}"
             data.mkdir()
-            osd_uuid = str(uuid.uuid4())
-            key = self._run(["ceph-authtool", "--gen-print-key"]).strip()
-            secret = data / "new.json"
-            secret.write_text(json.dumps({"cephx_secret": key}))
-            self.ceph("osd", "new", osd_uuid, str(i), "-i", str(secret))
-            secret.unlink()
+            osd_uuids[i] = str(uuid.uuid4())
+            keys[i] = self._run(["ceph-authtool", "--gen-print-key"]).strip()
             # --key only feeds mkfs; the daemon reads osd_data/keyring, which must be written here.
-            self._run(
-                [
-                    "ceph-authtool",
-                    "--create-keyring",
-                    str(data / "keyring"),
-                    "-n",
-                    f"osd.{i}",
-                    "--add-key",
-                    key,
-                ]
-            )
+            self._run(["ceph-authtool", "--create-keyring", str(data / "keyring"), "-n", f"osd.{i}",
+                       "--add-key", keys[i]])
             log = open(w / "log" / f"osd.{i}.mkfs.log", "wb")
             with log:
-                mkfs.append(
-                    (
-                        i,
-                        subprocess.Popen(
-                            [
-                                "ceph-osd",
-                                "-c",
-                                str(self.conf),
-                                "-i",
-                                str(i),
-                                "--mkfs",
-                                "--osd-uuid",
-                                osd_uuid,
-                            ],
-                            stdout=log,
-                            stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL,
-                            preexec_fn=_die_with_parent,
-                        ),
-                    )
-                )
+                mkfs.append((i, subprocess.Popen(
+                    ["ceph-osd", "-c", str(self.conf), "-i", str(i), "--mkfs", "--no-mon-config", "--osd-uuid",
+                     osd_uuids[i]],
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=_node_env(self.hosts[i]),
+                    preexec_fn=_die_with_parent)))
             self._daemons[f"osd.{i}"] = _Daemon(
-                f"osd.{i}", ["ceph-osd", "-f", "-c", str(self.conf), "-i", str(i)]
-            )
+                f"osd.{i}", ["ceph-osd", "-f", "-c", str(self.conf), "-i", str(i)], self.hosts[i])
+
+        # The pool next, so its PGs peer while the OSDs boot; its size and min_size are the conf's
+        # defaults (osd_pool_default_size, osd_pool_default_min_size).
+        self.ceph("osd", "pool", "create", POOL, str(PG_NUM), str(PG_NUM), "replicated")
+        self.ceph("osd", "pool", "application", "enable", POOL, "rbd")
+        for i in self.osd_of_host.values():
+            secret = w / f"osd.{i}" / "new.json"
+            secret.write_text(json.dumps({"cephx_secret": keys[i]}))
+            self.ceph("osd", "new", osd_uuids[i], str(i), "-i", str(secret))
+            secret.unlink()
         for i, p in mkfs:
             try:
                 rc = p.wait(timeout=120)
@@ -401,17 +450,18 @@ class RealCeph:
                 f"writing seed objects into pool {POOL} failed: {proc.stderr.strip()[-400:]}"
             )
 
-    def _conf_text(self, fsid: str, v2: int, v1: int) -> str:
+    def _conf_text(self, fsid: str, mon_addrs: dict[str, str]) -> str:
         w = self.workdir
         osd_sections = "".join(
-            f"\n[osd.{i}]\n# The node this OSD lives on: failure domain host, as on the real cluster.\n"
-            f"crush_location = root=default host={host}\n"
+            f"\n[osd.{i}]\n# The node this OSD lives on, named as Rook names CRUSH hosts: failure domain host.\n"
+            f"crush_location = root=default host={crush_host(host)}\n"
             for host, i in self.osd_of_host.items()
         )
+        mon_host = ",".join(mon_addrs.values())
         # "$name"/"$id" are Ceph metavariables, expanded by each daemon.
         return f"""[global]
 fsid = {fsid}
-mon_host = [v2:127.0.0.1:{v2},v1:127.0.0.1:{v1}]
+mon_host = {mon_host}
 auth_cluster_required = cephx
 auth_service_required = cephx
 auth_client_required = cephx
@@ -487,6 +537,13 @@ admin_socket =
             argv += ["--cap", service, cap]
         self._run(argv)
 
+    def _parallel(self, argvs: list[list[str]], what: str) -> None:
+        procs = [subprocess.Popen(a, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for a in argvs]
+        for argv, proc in zip(argvs, procs, strict=True):
+            _, err = proc.communicate(timeout=60)
+            if proc.returncode != 0:
+                raise CephStartError(f"{what}: `{' '.join(argv[:2])}` exited {proc.returncode}: {err.strip()[-400:]}")
+
     def _run(self, argv: list[str]) -> str:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
         if proc.returncode != 0:
@@ -495,8 +552,8 @@ admin_socket =
             )
         return proc.stdout
 
-    def _add(self, name: str, argv: list[str]) -> None:
-        d = _Daemon(name, argv)
+    def _add(self, name: str, argv: list[str], host: str) -> None:
+        d = _Daemon(name, argv, host)
         self._daemons[name] = d
         self._spawn(d)
 
@@ -507,12 +564,13 @@ admin_socket =
             # long as the process, so elsewhere the atexit hook is the safety net.
             pre = _die_with_parent if threading.current_thread() is threading.main_thread() else None
             d.proc = subprocess.Popen(
-                d.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, preexec_fn=pre
+                d.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                env=_node_env(d.host), preexec_fn=pre,
             )
 
     def _check_alive(self) -> None:
         for d in self._daemons.values():
-            if d.proc is not None and d.proc.poll() is not None and d.name in ("mon.a", "mgr.x"):
+            if d.proc is not None and d.proc.poll() is not None and d.name.startswith(("mon.", "mgr.")):
                 raise CephStartError(
                     f"{d.name} exited with {d.proc.returncode}; read {self.workdir / 'log' / (d.name + '.log')}"
                 )

@@ -23,6 +23,8 @@ def up(
     recovery_seconds: float = typer.Option(2.0, "--recovery-seconds", help="Seconds Ceph PGs take to recover."),
     flux_delay_seconds: float = typer.Option(0.5, "--flux-delay-seconds", help="Seconds a Flux reconcile takes."),
     ceph: str = typer.Option("sim", "--ceph", help="sim | real (a throw-away cluster of the Debian Ceph daemons)."),
+    monitoring: str = typer.Option("none", "--monitoring", help="none | real (Debian's Prometheus and Alertmanager "
+                                                                "scraping the simulated homelab)."),
     tree: Path = typer.Option(Path("k8s"), "--tree", help="The GitOps tree to simulate."),
 ) -> None:
     """Run the simulated homelab until interrupted; print how to use it."""
@@ -34,7 +36,9 @@ def up(
 
     workdir = dir or Path(tempfile.mkdtemp(prefix="homelab-twin-"))
     try:
-        twin = Twin(tree, workdir, state=twin_state, faults=fault, ceph=ceph,
+        if monitoring not in ("none", "real"):
+            raise ValueError(f"--monitoring takes none or real, got {monitoring!r}")
+        twin = Twin(tree, workdir, state=twin_state, faults=fault, ceph=ceph, monitoring=monitoring,
                     knobs=Knobs(reboot_seconds=reboot_seconds, recovery_seconds=recovery_seconds,
                                 flux_delay_seconds=flux_delay_seconds))
     except ValueError as e:
@@ -70,6 +74,10 @@ def up(
             typer.echo(f"  real Ceph: HEALTH_OK, every PG active+clean after {twin.ceph_start_seconds:.2f} s "
                        f"(CEPH_CONF={twin.ceph.conf})")
         typer.echo(f"  kube API: {', '.join(f'{n} {s.url}' for n, s in twin.kube.items())}")
+        if twin.monitoring is not None:
+            typer.echo(f"  Prometheus: {twin.monitoring.prometheus_url}  Alertmanager: "
+                       f"{twin.monitoring.alertmanager_url} (watching {twin.monitoring_cluster}; "
+                       f"--fault alert-firing=<name> adds a firing alert)")
         if twin.proxmox is not None:
             typer.echo(f"  Proxmox API: {twin.proxmox.url}")
         typer.echo("use it from another shell:")

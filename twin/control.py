@@ -10,7 +10,9 @@ import http.server
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         try:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
             argv = [str(a) for a in body.get("argv", [])]
-            stdout, stderr, code = fn(argv, str(body.get("cwd", ".")), dict(body.get("env") or {}))
+            call = control.called(tool, argv, int(body.get("caller") or 0))
+            try:
+                stdout, stderr, code = fn(argv, str(body.get("cwd", ".")), dict(body.get("env") or {}))
+            finally:
+                call.end = time.time()
         except Exception as e:  # the shim must get an answer, never a hung or reset connection
             log.exception("twin %s %r failed", tool, self.path)
             self._reply(200, {"stdout": "", "stderr": f"twin {tool}: internal error: {type(e).__name__}: {e}\n",
@@ -65,14 +71,54 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             pass  # the shim went away (interrupted); nothing to tell
 
 
+# The commands that change a node or the cluster (talosctl v1.11's mutating verbs, ceph's flag changes):
+# what the twin's record counts as a run "acting".
+_TALOS_ACTS = frozenset({"upgrade", "upgrade-k8s", "reboot", "shutdown", "reset", "rollback", "bootstrap",
+                         "apply-config", "patch"})
+
+
+@dataclass
+class Call:
+    """One command a shim forwarded: who ran it (the shim's parent process), when it arrived, when the
+    twin finished it (wall-clock seconds, comparable across processes)."""
+
+    tool: str
+    argv: list[str]
+    caller: int
+    start: float
+    end: float | None = None
+
+    @property
+    def acts(self) -> bool:
+        words = [a for a in self.argv if not a.startswith("-")]
+        if self.tool == "talosctl":
+            return any(w in _TALOS_ACTS for w in words[:3]) and "--dry-run" not in self.argv
+        if self.tool == "ceph":
+            return any(a == "osd" and b in ("set", "unset") for a, b in zip(words, words[1:], strict=False))
+        return False
+
+
 class ControlServer:
     def __init__(self, token: str, host: str = "127.0.0.1") -> None:
         self.token = token
+        self.calls: list[Call] = []
+        self._calls_lock = threading.Lock()
         self.host = host
         self.tools: dict[str, Tool] = {}
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
         self.url = ""
+
+    def called(self, tool: str, argv: list[str], caller: int) -> Call:
+        call = Call(tool, argv, caller, time.time())
+        with self._calls_lock:
+            self.calls.append(call)
+        return call
+
+    def acts(self) -> list[Call]:
+        """Every mutating command received so far, in arrival order."""
+        with self._calls_lock:
+            return [c for c in self.calls if c.acts]
 
     def register(self, name: str, fn: Tool) -> None:
         self.tools[name] = fn

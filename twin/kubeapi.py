@@ -16,6 +16,7 @@ import random
 import re
 import select
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -109,6 +110,15 @@ DEFAULT_KINDS: tuple[ResourceType, ...] = (
     ResourceType("source.toolkit.fluxcd.io", "v1", "HelmRepository", "helmrepositories",
                  namespaced=True, short_names=("helmrepo",), categories=("fluxcd",),
                  columns=(("Url", "spec.url"),) + _FLUX_COLUMNS),
+    ResourceType("source.toolkit.fluxcd.io", "v1", "HelmChart", "helmcharts",
+                 namespaced=True, short_names=("hc",), categories=("fluxcd",),
+                 columns=(("Chart", "spec.chart"), ("Version", "spec.version")) + _FLUX_COLUMNS),
+    ResourceType("source.toolkit.fluxcd.io", "v1", "OCIRepository", "ocirepositories",
+                 namespaced=True, short_names=("ocirepo",), categories=("fluxcd",),
+                 columns=(("Url", "spec.url"),) + _FLUX_COLUMNS),
+    ResourceType("source.toolkit.fluxcd.io", "v1", "Bucket", "buckets",
+                 namespaced=True, categories=("fluxcd",),
+                 columns=(("Endpoint", "spec.endpoint"),) + _FLUX_COLUMNS),
     ResourceType("kustomize.toolkit.fluxcd.io", "v1", "Kustomization", "kustomizations",
                  namespaced=True, short_names=("ks",), categories=("fluxcd",), columns=_FLUX_COLUMNS),
     ResourceType("helm.toolkit.fluxcd.io", "v2", "HelmRelease", "helmreleases", namespaced=True,
@@ -223,6 +233,27 @@ def parse_label_selector(selector: str | None) -> LabelPredicate:
 
 
 ObjPredicate = Callable[[dict[str, Any]], bool]
+
+# Field labels a list or watch may select on. A custom resource knows metadata.name and (namespaced)
+# metadata.namespace only (apiextensions-apiserver, pkg/apiserver/conversion/converter.go,
+# crConverter.ConvertFieldLabel); a Node metadata.name and spec.unschedulable (pkg/apis/core/v1/conversion.go,
+# AddFieldLabelConversionFunc for "Node"). Anything else is refused with 400 BadRequest (the list
+# handler wraps the conversion error in errors.NewBadRequest, apiserver endpoints/handlers/get.go).
+_NODE_FIELD_LABELS = frozenset({"metadata.name", "spec.unschedulable"})
+
+
+def check_field_selector(rt: ResourceType, selector: str | None) -> None:
+    """ApiError 400 for a field label the real API server cannot select this kind on."""
+    if not selector:
+        return
+    if rt.builtin and rt.kind != "Node":
+        return  # built-in kinds other than Node: every path the twin stores is accepted
+    allowed = _NODE_FIELD_LABELS if rt.kind == "Node" else (
+        frozenset({"metadata.name", "metadata.namespace"}) if rt.namespaced else frozenset({"metadata.name"}))
+    for term in selector.split(","):
+        m = re.match(r"^\s*([A-Za-z0-9_.\-/]+)\s*(?:==|=|!=)", term)
+        if m and m.group(1) not in allowed:
+            raise ApiError(400, "BadRequest", f"field label not supported: {m.group(1)}")
 
 
 def _field_value(obj: dict[str, Any], path: str) -> str:
@@ -582,7 +613,7 @@ class KubeStore:
         return out
 
     def replace(self, obj: dict[str, Any], check_version: bool = False,
-                subresource: str | None = None) -> dict[str, Any]:
+                subresource: str | None = None, dry_run: bool = False) -> dict[str, Any]:
         """Replace an object. `subresource=None` writes all of it (the in-process world),
         "main" ignores status for kinds with a status subresource (HTTP PUT), "status" only status."""
         obj = copy.deepcopy(obj)
@@ -597,13 +628,13 @@ class KubeStore:
             if check_version and want_rv and want_rv != cur.obj["metadata"]["resourceVersion"]:
                 raise _conflict(rt, key[1], "the object has been modified; please apply your changes "
                                 "to the latest version and try again")
-            out = self._update(rt, key, cur, obj, subresource)
+            out = self._update(rt, key, cur, obj, subresource, dry_run)
         self._dispatch()
         return out
 
     def patch(self, api_version: str, kind: str, namespace: str | None, name: str,
               patch: dict[str, Any] | builtins.list[Any], patch_type: str = "merge",
-              subresource: str | None = None) -> dict[str, Any]:
+              subresource: str | None = None, dry_run: bool = False) -> dict[str, Any]:
         """Patch with `merge`, `json` or `strategic`; a resourceVersion in the patch must match."""
         with self._lock:
             rt, key, cur = self._find(api_version, kind, namespace, name)
@@ -633,7 +664,7 @@ class KubeStore:
             if new_rv and new_rv != cur.obj["metadata"]["resourceVersion"]:
                 raise _conflict(rt, name, "the object has been modified; please apply your changes "
                                 "to the latest version and try again")
-            out = self._update(rt, key, cur, new, subresource)
+            out = self._update(rt, key, cur, new, subresource, dry_run)
         self._dispatch()
         return out
 
@@ -693,7 +724,7 @@ class KubeStore:
         return rt, key, self._objects[(api_version, kind)].get(key)
 
     def _update(self, rt: ResourceType, key: Key, cur: _Entry, new: dict[str, Any],
-                subresource: str | None) -> dict[str, Any]:
+                subresource: str | None, dry_run: bool = False) -> dict[str, Any]:
         old = cur.obj
         if subresource == "status":
             merged = json.loads(cur.raw)
@@ -722,6 +753,8 @@ class KubeStore:
             return json.loads(cur.raw)  # a no-op write neither bumps resourceVersion nor notifies
         if _spec_of(rt, new) != _spec_of(rt, old):
             meta["generation"] = int(ometa.get("generation", 1)) + 1
+        if dry_run:
+            return json.loads(_dumps(new))  # what the write would store, at the current resourceVersion
         if meta.get("deletionTimestamp") and not meta.get("finalizers"):
             return self._remove(rt, key, cur)
         return self._commit(rt, key, new, cur, "MODIFIED")
@@ -868,6 +901,20 @@ class _Stopping(Exception):
     pass
 
 
+class _Blackholed(Exception):
+    pass
+
+
+def _watch_timeout(rv: int, current: int) -> ApiError:
+    """The 504 a watch ends with under watch-504: the Status kube-apiserver's watch cache sends
+    (k8s.io/apiserver pkg/storage/errors.go NewTooLargeResourceVersionError, built on
+    apimachinery errors.NewTimeoutError: reason Timeout, retryAfterSeconds)."""
+    err = ApiError(504, "Timeout", f"Timeout: Too large resource version: {rv}, current: {current}")
+    err.details = {"causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}],
+                   "retryAfterSeconds": 1}
+    return err
+
+
 def _peer_closed(sock: socket.socket) -> bool:
     try:
         readable, _, _ = select.select([sock], [], [], 0)
@@ -933,6 +980,15 @@ class KubeApiServer:
         self._available = True
         self.flaky_share = 0.0
         self.added_latency_s = 0.0
+        # kube-throttle: this share of requests is refused as APF/max-in-flight refuses them.
+        self.throttle_share = 0.0
+        # kube-blackhole: until this monotonic time connections are accepted and never answered.
+        self._blackhole_until = 0.0
+        self._blackhole_changed = threading.Condition()
+        # watch-504: every watch ends this many seconds after it started with a 504 Timeout error event.
+        self.watch_504_after_s: float | None = None
+        # kube-apiserver's watch cache sends a bookmark about once a minute (cacher bookmarkFrequency).
+        self.bookmark_interval_s = 60.0
         self.request_count: dict[str, int] = {}
         self.rng = random.Random()
         self._count_lock = threading.Lock()
@@ -997,6 +1053,32 @@ class KubeApiServer:
         with self.store.changed:
             self.store.changed.notify_all()
 
+    def blackhole_for(self, seconds: float) -> None:
+        """From now on, for ``seconds``, accept connections and answer nothing; 0 ends it now."""
+        with self._blackhole_changed:
+            self._blackhole_until = time.monotonic() + seconds if seconds > 0 else 0.0
+            self._blackhole_changed.notify_all()
+        with self.store.changed:
+            self.store.changed.notify_all()  # open watches fall silent too
+
+    @property
+    def blackholed(self) -> bool:
+        return time.monotonic() < self._blackhole_until
+
+    def _hold_silently(self, h: _Handler) -> None:
+        """A blackholed endpoint (a power-cycled node, an address that moved): the request is never
+        answered. When the window ends the peer has forgotten the connection, so it is reset, not closed."""
+        with self._blackhole_changed:
+            while self.blackholed and not self._stopping.is_set():
+                if _peer_closed(h.connection):
+                    break
+                self._blackhole_changed.wait(min(0.1, max(0.0, self._blackhole_until - time.monotonic())))
+        h.close_connection = True
+        try:  # SO_LINGER 0: the close that follows sends RST, as a peer that lost its state does
+            h.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+
     def count(self, verb: str, kind: str | None = None) -> int:
         with self._count_lock:
             if kind is not None:
@@ -1024,6 +1106,9 @@ class KubeApiServer:
             query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
             length = int(h.headers.get("Content-Length") or 0)
             body = h.rfile.read(length) if length else b""
+            if self.blackholed:
+                self._tick("fault", "blackhole")
+                return self._hold_silently(h)
             if self.added_latency_s > 0:
                 time.sleep(self.added_latency_s)
             if not self.available:
@@ -1035,6 +1120,9 @@ class KubeApiServer:
                 auth = h.headers.get("Authorization")
                 if (auth is None and not self.anonymous) or (auth is not None and auth != f"Bearer {self.token}"):
                     raise ApiError(401, "Unauthorized", "Unauthorized: the bearer token is missing or wrong")
+            if self.throttle_share > 0 and path not in _PUBLIC_PATHS and self.rng.random() < self.throttle_share:
+                self._tick("fault", "throttle")
+                return self._too_many_requests(h)
             if self.flaky_share > 0 and self.rng.random() < self.flaky_share:
                 self._tick("fault", "")
                 raise ApiError(500, "InternalError", "Internal error occurred: injected kube-flaky fault")
@@ -1045,6 +1133,19 @@ class KubeApiServer:
             h.close_connection = True
         except Exception as e:  # noqa: BLE001 - the server answers 500 like the real one
             self._send_json(h, 500, ApiError(500, "InternalError", f"Internal error occurred: {type(e).__name__}: {e}").status())
+
+    @staticmethod
+    def _too_many_requests(h: _Handler) -> None:
+        # apiserver pkg/server/filters/maxinflight.go tooManyRequests (APF rejects through the same
+        # function): Retry-After: 1 and http.Error's text/plain body, not a Status object.
+        data = b"Too many requests, please try again later.\n"
+        h.send_response(429)
+        h.send_header("Retry-After", "1")
+        h.send_header("Content-Type", "text/plain; charset=utf-8")
+        h.send_header("X-Content-Type-Options", "nosniff")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
 
     def _send_json(self, h: _Handler, code: int, payload: Any, raw: bytes | None = None) -> None:
         data = raw if raw is not None else _dumps(payload)
@@ -1114,6 +1215,7 @@ class KubeApiServer:
         store = self.store
         want_table = "as=Table" in (h.headers.get("Accept") or "")
         if name is None:
+            check_field_selector(rt, query.get("fieldSelector"))
             if method == "GET":
                 if query.get("watch") in ("true", "1"):
                     self._tick("watch", rt.kind)
@@ -1166,8 +1268,21 @@ class KubeApiServer:
             if rt.namespaced:
                 meta["namespace"] = namespace
             if not meta.get("resourceVersion"):
-                # An unconditional update is allowed; keep the current version so it passes.
+                if not rt.builtin:
+                    # Custom resources refuse an update without resourceVersion: their strategy's
+                    # AllowUnconditionalUpdate is false (apiextensions-apiserver customresource strategy),
+                    # and the registry store answers with this Invalid error (genericregistry Store.Update).
+                    err = ApiError(422, "Invalid", f'{rt.plural}{"." + rt.group if rt.group else ""} "{name}" is invalid: '
+                                   "metadata.resourceVersion: Invalid value: 0x0: must be specified for an update",
+                                   kind=rt.plural, name=name, group=rt.group)
+                    err.details["causes"] = [{"reason": "FieldValueInvalid", "field": "metadata.resourceVersion",
+                                              "message": "Invalid value: 0x0: must be specified for an update"}]
+                    raise err
+                # Built-in kinds allow an unconditional update; keep the current version so it passes.
                 meta.pop("resourceVersion", None)
+            if query.get("dryRun"):
+                return self._send_json(h, 200, store.replace(obj, check_version=True, subresource=subresource,
+                                                             dry_run=True))
             return self._send_json(h, 200, store.replace(obj, check_version=True, subresource=subresource))
         if method == "PATCH":
             self._tick("patch", rt.kind)
@@ -1182,13 +1297,10 @@ class KubeApiServer:
                 patch = json.loads(body or b"null")
             except ValueError as e:
                 raise ApiError(400, "BadRequest", f"the patch body is not JSON: {e}") from None
-            if query.get("dryRun"):
-                current = store.get(rt.api_version, rt.kind, namespace, name)
-                if current is None:
-                    raise _not_found(rt, name)
-                return self._send_json(h, 200, current)
+            # A dry run answers the object as the patch would leave it, and stores nothing.
             return self._send_json(h, 200, store.patch(rt.api_version, rt.kind, namespace, name, patch,
-                                                       patch_type, subresource=subresource))
+                                                       patch_type, subresource=subresource,
+                                                       dry_run=bool(query.get("dryRun"))))
         if method == "DELETE":
             self._tick("delete", rt.kind)
             gone_obj = store.delete(rt.api_version, rt.kind, namespace, name)
@@ -1294,17 +1406,23 @@ class KubeApiServer:
             if gone is not None:
                 send([b'{"type":"ERROR","object":' + _dumps(gone.status()) + b"}\n"])
                 return self._end_chunks(h)
-            last_sent = time.monotonic()
+            last_sent = started = time.monotonic()
+            every = self.bookmark_interval_s
             while True:
                 lines: list[bytes] = []
                 with store.changed:
                     while True:
                         if self._stopping.is_set() or not self.available:
                             raise _Stopping
+                        if self.blackholed:
+                            raise _Blackholed
                         if _peer_closed(h.connection):
                             raise ConnectionResetError  # the client went away while nothing happened
                         now = time.monotonic()
                         if now >= deadline:
+                            break
+                        if self.watch_504_after_s is not None and now - started >= self.watch_504_after_s:
+                            gone = _watch_timeout(last, store.resource_version)
                             break
                         try:
                             events = store.events_since(last)
@@ -1313,7 +1431,7 @@ class KubeApiServer:
                             break
                         if events:
                             break
-                        if bookmarks and now - last_sent >= 1.0:
+                        if bookmarks and now - last_sent >= every:
                             break
                         store.changed.wait(timeout=min(deadline - now, 0.5))
                     if gone is None and time.monotonic() < deadline:
@@ -1331,7 +1449,7 @@ class KubeApiServer:
                                 etype = "DELETED" if was_match else None
                             if etype:
                                 lines.append(line(etype, ev.raw, ev.obj))
-                        if not lines and bookmarks and time.monotonic() - last_sent >= 1.0:
+                        if not lines and bookmarks and time.monotonic() - last_sent >= every:
                             lines.append(b'{"type":"BOOKMARK","object":' + _dumps(
                                 {"kind": rt.kind, "apiVersion": rt.api_version,
                                  "metadata": {"resourceVersion": str(store.resource_version)}}) + b"}\n")
@@ -1351,6 +1469,8 @@ class KubeApiServer:
                 h.connection.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        except _Blackholed:
+            self._hold_silently(h)  # an open stream falls silent, then is reset, as new requests are
         except (BrokenPipeError, ConnectionResetError, OSError):
             h.close_connection = True
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from homelab.config import ProxmoxCluster
-from homelab.provision import PROXMOX_TOKEN_PRIVILEGES
+from homelab.provision import PROXMOX_TOKEN_PRIVILEGES, owner_marker, template_plan
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,12 @@ STOP_TIMEOUT_SECONDS = 3.0
 
 class FakeProxmoxError(RuntimeError):
     pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class FakeProxmox:
@@ -54,9 +61,16 @@ class FakeProxmox:
         user: str = "homelab@pve",
         token_name: str = "provision",
         least_privilege: bool = True,
+        nodes: tuple[str, ...] = (),
+        shared_storage: bool = False,
+        template_disk: str = "scsi0",
+        with_template: bool = True,
     ) -> None:
         """time_scale: real seconds per PVE second (0: every task done before the request returns).
-        start_seconds: PVE seconds a VM start task runs, so that clients poll a running task."""
+        start_seconds: PVE seconds a VM start task runs, so that clients poll a running task.
+        nodes: PVE nodes beyond cluster.yaml's (a cluster of several); shared_storage: cluster.yaml's storage is
+        shared (clones may go to another node); template_disk: the template's disk bus (scsi0, virtio0);
+        with_template: seed the Talos template (else the flow has to make it)."""
         self.cluster = cluster
         self.workdir = Path(workdir)
         self.synced = synced
@@ -67,12 +81,20 @@ class FakeProxmox:
         self.token_name = token_name
         self.token_value = secrets.token_hex(16)
         self.least_privilege = least_privilege
-        self.port = 0
+        self.extra_nodes = tuple(n for n in nodes if n != cluster.proxmox.node)
+        self.shared_storage = shared_storage
+        self.template_disk = template_disk
+        self.with_template = with_template
+        # Chosen before launch, so the twin's tree can name the endpoint before the server listens.
+        self.port = _free_port()
+        # vmid -> the facts of its last power event (node, MAC, boot disk key, agent on).
+        self.vm_info: dict[int, dict[str, Any]] = {}
         self._proc: subprocess.Popen[str] | None = None
         self._reader: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: str | None = None
         self._acks: dict[int, threading.Event] = {}
+        self._replies: dict[int, dict[str, Any]] = {}
         self._next_id = 0
         self._lock = threading.Lock()
         self._stderr: IO[str] | None = None
@@ -103,11 +125,16 @@ class FakeProxmox:
     def seed(self) -> dict[str, Any]:
         cfg = self.cluster
         vms = [{"vmid": vm.vmid, "name": vm.name, "cores": vm.cores, "memory": vm.memory, "disk_gib": vm.disk,
-                "mac": vm.mac, "tags": vm.tags, "running": True} for vm in cfg.vms] if self.synced else []
+                "mac": vm.mac, "tags": vm.tags, "running": True, "node": vm.node or cfg.proxmox.node,
+                "description": owner_marker(cfg.cluster.name)} for vm in cfg.vms] if self.synced else []
+        tpl = template_plan(cfg, cfg.proxmox.node)
         return {
             "node": cfg.proxmox.node, "storage": cfg.proxmox.storage, "bridge": cfg.proxmox.bridge,
-            "template": {"vmid": cfg.proxmox.template.vmid, "name": cfg.proxmox.template.name,
-                         "disk_gib": TEMPLATE_DISK_GIB},
+            "nodes": [{"name": n, "maxmem_gib": 64 - 16 * i} for i, n in enumerate((cfg.proxmox.node,
+                                                                                   *self.extra_nodes))],
+            "shared": self.shared_storage, "port": self.port,
+            "template": {"vmid": tpl.vmid, "name": tpl.name, "disk_gib": TEMPLATE_DISK_GIB,
+                         "disk_key": self.template_disk, "iso": tpl.iso_file} if self.with_template else None,
             "token": {"user": self.user, "name": self.token_name, "value": self.token_value},
             "privileges": list(PROXMOX_TOKEN_PRIVILEGES) if self.least_privilege else None,
             "vms": vms, "time_scale": self.time_scale, "start_seconds": self.start_seconds,
@@ -192,7 +219,36 @@ class FakeProxmox:
         self._command({"op": "fail_tasks", "on": bool(on)})
         self.failing = bool(on)
 
-    def _command(self, cmd: dict[str, Any], timeout: float = 5.0) -> None:
+    def warn_tasks(self, on: bool) -> None:
+        """Clone, config, resize and start tasks end `WARNINGS: 1` with a WARN line in their log: success."""
+        self._command({"op": "warn_tasks", "on": bool(on)})
+
+    def set_agent(self, vmid: int, interfaces: list[dict[str, Any]] | None) -> None:
+        """What the VM's guest agent answers to network-get-interfaces (None: the agent is not running)."""
+        self._command({"op": "agent", "vmid": vmid, "interfaces": interfaces})
+
+    def lock_vm(self, vmid: int, lock: str, seconds: float) -> None:
+        """A backup (or migration) holds the VM's lock for `seconds` real seconds."""
+        self._command({"op": "lock", "vmid": vmid, "lock": lock, "seconds": seconds})
+
+    def half_clone(self, vmid: int, node: str | None = None) -> None:
+        """What a clone leaves when its worker dies before the first disk is copied: `lock: clone`, no name."""
+        self._command({"op": "half_clone", "vmid": vmid, "node": node})
+
+    def migrate(self, vmid: int, node: str) -> None:
+        """The VM now runs on another PVE node (as after `qm migrate`)."""
+        self._command({"op": "migrate", "vmid": vmid, "node": node})
+
+    def revoke(self, privilege: str) -> None:
+        """Take a privilege away from the API token's user."""
+        self._command({"op": "revoke", "privilege": privilege})
+
+    def stats(self) -> dict[str, int]:
+        """Requests served so far: every API request, and the task-status polls among them."""
+        ack = self._command({"op": "stats"})
+        return {"api_calls": int(ack.get("api_calls", 0)), "task_polls": int(ack.get("task_polls", 0))}
+
+    def _command(self, cmd: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
         proc = self._proc
         if proc is None or proc.stdin is None or not self._ready.is_set():
             raise FakeProxmoxError("the fake Proxmox API is not running; start() it first")
@@ -207,6 +263,10 @@ class FakeProxmox:
                 raise FakeProxmoxError(f"the fake Proxmox API did not acknowledge {cmd['op']} within {timeout:.0f} s")
         finally:
             self._acks.pop(ident, None)
+        reply = self._replies.pop(ident, {})
+        if reply.get("error"):
+            raise FakeProxmoxError(f"the fake Proxmox API refused {cmd['op']}: {reply['error']}")
+        return reply
 
     # --- events from the server ---------------------------------------------------------------
 
@@ -229,8 +289,10 @@ class FakeProxmox:
             elif kind == "ack":
                 ack = self._acks.get(event.get("id"))
                 if ack is not None:
+                    self._replies[int(event["id"])] = event
                     ack.set()
             elif kind == "power":
+                self.vm_info[int(event["vmid"])] = {k: event.get(k) for k in ("node", "mac", "disk", "agent")}
                 try:
                     self.on_vm_power(str(event["name"]), int(event["vmid"]), bool(event["running"]))
                 except Exception:  # a twin-side handler bug must not end the event stream

@@ -9,7 +9,7 @@ from pathlib import Path
 TEMPLATE = '''#!{python} -S
 # {tool} of the simulated homelab: forwards argv, cwd and environment to the twin at {url}.
 import http.client, json, os, sys
-body = json.dumps({{"argv": sys.argv[1:], "cwd": os.getcwd(),
+body = json.dumps({{"argv": sys.argv[1:], "cwd": os.getcwd(), "caller": os.getppid(),
                    "env": {{k: v for k, v in os.environ.items() if k in {env_keys!r}}}}})
 try:
     conn = http.client.HTTPConnection({host!r}, {port}, timeout=None)

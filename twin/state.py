@@ -19,7 +19,7 @@ STATES = ("pre-upgrade", "synced")
 PRE_UPGRADE_TALOS = "v1.11.4"
 PRE_UPGRADE_KUBELET = "v1.32.0"
 
-# Faults that name a host, a Kustomization, an optional share, or nothing.
+# Faults that name a host, a Kustomization, an optional share, an optional duration, or nothing.
 FAULTS: dict[str, str] = {
     "node-never-ready": "host",
     "upgrade-fails": "host",
@@ -28,9 +28,16 @@ FAULTS: dict[str, str] = {
     "etcd-unhealthy": "host",
     "flux-fails": "kustomization",
     "kube-flaky": "share",
+    "kube-throttle": "share",
+    "kube-blackhole": "seconds",
+    "watch-504": "none",
     "proxmox-task-fails": "none",
+    # Any alert name: a rule of that name fires through the real Prometheus and Alertmanager (--monitoring real).
+    "alert-firing": "alertname",
 }
 KUBE_FLAKY_DEFAULT_SHARE = 0.3
+KUBE_THROTTLE_DEFAULT_SHARE = 0.3
+KUBE_BLACKHOLE_DEFAULT_SECONDS = 20.0
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,18 @@ class Knobs:
     reboot_seconds: float = 1.0
     recovery_seconds: float = 0.5
     flux_delay_seconds: float = 0.2
+    # kustomize-/helm-controller --requeue-dependency (main.go default 30s): how long a dependent that
+    # found its dependency not ready waits before it looks again.
+    requeue_dependency_seconds: float = 30.0
+    # kube-controller-manager --node-monitor-grace-period (50s from Kubernetes 1.32, the homelab's version):
+    # how long a Node whose kubelet stopped posting keeps its last Ready before it turns Unknown.
+    node_monitor_grace_seconds: float = 50.0
+    # kube-apiserver sends a watch bookmark about once a minute (the watch cache's bookmark frequency).
+    bookmark_seconds: float = 60.0
+    # watch-504: how long a watch streams before it ends with the 504 Timeout error event.
+    watch_504_seconds: float = 3.0
+    # Reconcile times of single Flux objects by name, overriding flux_delay_seconds (a slow dependency).
+    flux_delays: tuple[tuple[str, float], ...] = ()
 
 
 def parse_fault(text: str, arg: str | None = None) -> tuple[str, str | None]:
@@ -50,6 +69,12 @@ def parse_fault(text: str, arg: str | None = None) -> tuple[str, str | None]:
         raise ValueError(f"unknown fault {name!r}; known faults: {', '.join(sorted(FAULTS))} "
                          f"(give them as NAME=ARG, e.g. upgrade-fails=m720q-2)")
     kind = FAULTS[name]
+    if kind == "alertname":
+        from homelab.monitoring import is_alert_name
+
+        if not arg or not is_alert_name(arg):
+            raise ValueError(f"fault {name} needs the alert's name, letters, digits, _ and : "
+                             f"(e.g. {name}=TargetDown), got {arg!r}")
     if kind in ("host", "kustomization") and not arg:
         raise ValueError(f"fault {name} needs the {kind} it applies to: {name}=<{kind}>")
     if kind == "none" and arg:
@@ -58,10 +83,32 @@ def parse_fault(text: str, arg: str | None = None) -> tuple[str, str | None]:
         try:
             share = float(arg)
         except ValueError:
-            raise ValueError(f"fault kube-flaky takes a share of failed requests between 0 and 1, got {arg!r}") from None
+            share = -1.0
         if not 0 <= share <= 1:
-            raise ValueError(f"fault kube-flaky takes a share of failed requests between 0 and 1, got {arg!r}")
+            raise ValueError(f"fault {name} takes a share of requests between 0 and 1 (or nothing for "
+                             f"{FAULT_DEFAULTS[name]:g}), got {arg!r}")
+    if kind == "seconds" and arg:
+        try:
+            seconds = float(arg)
+        except ValueError:
+            seconds = -1.0
+        if not 0 < seconds <= 3600:
+            raise ValueError(f"fault {name} takes a number of seconds up to 3600 (or nothing for "
+                             f"{FAULT_DEFAULTS[name]:g} s), got {arg!r}")
     return name, (arg or None)
+
+
+# The value an optional argument takes when the fault is given without one.
+FAULT_DEFAULTS: dict[str, float] = {
+    "kube-flaky": KUBE_FLAKY_DEFAULT_SHARE,
+    "kube-throttle": KUBE_THROTTLE_DEFAULT_SHARE,
+    "kube-blackhole": KUBE_BLACKHOLE_DEFAULT_SECONDS,
+}
+
+
+def fault_value(name: str, arg: str | None) -> float:
+    """The number a share or duration fault acts with: its argument, or its default."""
+    return float(arg) if arg else FAULT_DEFAULTS[name]
 
 
 class Faults:
@@ -114,6 +161,9 @@ class Node:
     previous_version: str | None = None  # what `talosctl rollback` boots
     staged_image: str | None = None  # `upgrade --stage`: installed at the next reboot
     platform: str = "metal"
+    dhcp_ip: str = ""  # the DHCP lease of a VM booted into maintenance mode (its static ip comes with the config)
+    disk: str = "/dev/sda"  # the VM's boot disk as Talos sees it (virtio-blk: /dev/vda)
+    booted_at: float = 0.0  # monotonic time of the last boot into the installed Talos
 
     @property
     def disrupted(self) -> bool:
@@ -132,6 +182,8 @@ class ClusterState:
     bootstrapped: bool
     ceph: bool = False  # runs Rook Ceph on its nodes
     kubernetes_version: str = PRE_UPGRADE_KUBELET
+    cni_ready: bool = True  # a CNI runs (no CNI: every Node NotReady, CoreDNS Pending)
+    coredns_problem: str | None = None  # why CoreDNS cannot get ready although a CNI runs
 
     def control_planes(self) -> list[Node]:
         return [n for n in self.nodes.values() if n.role == "controlplane"]
@@ -182,8 +234,9 @@ class Record:
             return [Disruption(d.cluster, d.node, d.start, d.end) for d in self.disruptions
                     if cluster is None or d.cluster == cluster]
 
-    def max_concurrent(self, cluster: str) -> int:
-        """The largest number of this cluster's nodes disrupted at one instant."""
+    def max_concurrent(self, cluster: str | None = None) -> int:
+        """The largest number of this cluster's nodes disrupted at one instant; with no cluster, of all
+        nodes of every cluster (the homelab-wide invariant: one node at a time across all clusters)."""
         events: list[tuple[float, int]] = []
         for d in self.intervals(cluster):
             events.append((d.start, 1))
@@ -236,7 +289,7 @@ class World:
         with self.lock:
             for c in self.clusters.values():
                 for n in c.nodes.values():
-                    if n.ip == ip or n.hostname == ip:
+                    if n.ip == ip or n.hostname == ip or (n.dhcp_ip == ip and n.phase == "maintenance"):
                         return n
         return None
 
@@ -376,7 +429,8 @@ def seed_world(world: World, tree: Any, state: str) -> None:
                         etcd_running=synced and vm.role == "controlplane",
                     )
                 world.clusters[name] = ClusterState(name, nodes, bootstrapped=synced, ceph=False,
-                                                    kubernetes_version=_v(px.cluster.kubernetes_version))
+                                                    kubernetes_version=_v(px.cluster.kubernetes_version),
+                                                    cni_ready=synced)
         world.changed()
 
 

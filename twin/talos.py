@@ -76,6 +76,7 @@ COMMAND_FLAGS: dict[str, list[Flag]] = {
                      Flag("mode", "m", "str", "auto"), Flag("config-patch", "p", "list", []),
                      Flag("timeout", None, "dur", 60.0), Flag("cert-fingerprint", None, "list", [])],
     "bootstrap": [Flag("recover-from"), Flag("recover-skip-hash-check", None, "bool", False)],
+    "service": [],
     "kubeconfig": [Flag("force", "f", "bool", False), Flag("merge", "m", "bool", True),
                    Flag("force-context-name")],
     "rollback": [],
@@ -93,6 +94,7 @@ USAGE = {
     "get": "talosctl get <type> [<id>] [flags]",
     "apply-config": "talosctl apply-config [flags]",
     "bootstrap": "talosctl bootstrap [flags]",
+    "service": "talosctl service [<id> [start|stop|restart|status]] [flags]",
     "kubeconfig": "talosctl kubeconfig [local-path] [flags]",
     "rollback": "talosctl rollback [flags]",
     "reboot": "talosctl reboot [flags]",
@@ -315,6 +317,9 @@ def _reach(inv: Invocation, ip: str, insecure: bool = False) -> tuple[Node | Non
     n = inv.world.node_by_ip(ip)
     with inv.world.lock:
         if n is None or n.phase == "off":
+            return None, unavailable(ip, "connect: no route to host")
+        if n.phase == "maintenance" and n.dhcp_ip and ip != n.dhcp_ip:
+            # In maintenance mode the VM has only its DHCP lease; its static address comes with the config.
             return None, unavailable(ip, "connect: no route to host")
         if n.phase in ("rebooting", "installing"):
             return None, unavailable(ip, "connect: connection refused")
@@ -624,7 +629,12 @@ def cmd_upgrade_k8s(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> R
 # --- etcd ------------------------------------------------------------------------------------
 
 
-ETCD_NOT_RUNNING = "rpc error: code = Unknown desc = etcd is not running on this node"
+# Before bootstrap (and while etcd is down) nothing listens on the node's etcd client port: machined's
+# EtcdMemberList dials localhost:2379 (talosctl asks with QueryLocal) and returns the etcd client's error
+# unchanged (talos v1.11.5 internal/app/machined/internal/server/v1alpha1/v1alpha1_server.go EtcdMemberList,
+# internal/pkg/etcd/etcd.go NewLocalClient). No transcript of it exists (docs/twin.md): gRPC's dial error.
+ETCD_NOT_RUNNING = ('rpc error: code = Unavailable desc = connection error: desc = "transport: Error while dialing: '
+                    'dial tcp 127.0.0.1:2379: connect: connection refused"')
 
 
 def _member_row(m: Node) -> list[str]:
@@ -724,6 +734,13 @@ def health_checks(world: World, cluster: ClusterState) -> list[tuple[str, Callab
         bad = [n.hostname for n in nodes() if not (n.talos_up and n.ready)]
         return f"some nodes are not ready: [{' '.join(bad)}]" if bad else None
 
+    def coredns() -> str | None:
+        # pkg/cluster/check/kubernetes.go K8sPodReadyAssertion's texts, for the k8s-app=kube-dns pods.
+        if not cluster.bootstrapped or not cluster.cni_ready:
+            return 'no ready pods found for namespace "kube-system" and label selector "k8s-app=kube-dns"'
+        return cluster.coredns_problem
+
+
     def schedulable() -> str | None:
         bad = [n.hostname for n in nodes() if n.unschedulable]
         return f"some nodes are not schedulable: [{' '.join(bad)}]" if bad else None
@@ -744,7 +761,7 @@ def health_checks(world: World, cluster: ClusterState) -> list[tuple[str, Callab
         ("all k8s nodes to report ready", k8s_ready),
         ("all k8s nodes to report schedulable", schedulable),
         ("kube-proxy to report ready", lambda: None),
-        ("coredns to report ready", k8s_report),
+        ("coredns to report ready", coredns),
     ]
 
 
@@ -825,8 +842,52 @@ def _machine_facts(text: str) -> dict[str, str]:
     machine = doc.get("machine") or {}
     facts = {"type": str(machine.get("type", "")),
              "image": str((machine.get("install") or {}).get("image", "")),
+             "disk": str((machine.get("install") or {}).get("disk", "")),
              "kubelet": str((machine.get("kubelet") or {}).get("image", ""))}
     return facts
+
+
+def cni_facts(text: str) -> tuple[str, bool, bool]:
+    """(CNI name, kube-proxy disabled, a Cilium install among the inline manifests) of a machine config."""
+    try:
+        doc = next((d for d in yaml.safe_load_all(text) if isinstance(d, dict) and "cluster" in d), {}) or {}
+    except yaml.YAMLError:
+        return "flannel", False, False
+    cluster = doc.get("cluster") or {}
+    cni = str((((cluster.get("network") or {}).get("cni") or {}).get("name")) or "flannel")
+    proxy_off = bool((cluster.get("proxy") or {}).get("disabled"))
+    cilium = any("cilium" in str(m.get("contents", "")) and "install" in str(m.get("contents", ""))
+                 for m in cluster.get("inlineManifests") or [] if isinstance(m, dict))
+    return cni, proxy_off, cilium
+
+
+def _network_after_bootstrap(world: World, cluster: ClusterState) -> None:
+    """What runs as the cluster's network once etcd and the API are up, from the first control plane's config.
+
+    - Talos' default flannel reaches the API through KubePrism (talos v1.11.5
+      internal/app/machined/pkg/controllers/k8s/control_plane.go: FlannelKubeServiceHost 127.0.0.1 when
+      KubePrism is on), so Nodes get Ready even without kube-proxy; but CoreDNS talks to the API through the
+      `kubernetes` Service IP, which nothing routes without kube-proxy: it never gets Ready.
+    - cni: none and no CNI installed: kubelet reports NetworkPluginNotReady, every Node stays NotReady and
+      CoreDNS Pending; with the Cilium install Job among the inline manifests, Cilium comes up (it replaces
+      kube-proxy through KubePrism) and both get Ready.
+    """
+    cp = next((n for n in cluster.control_planes() if n.machine_config), None)
+    cni, proxy_off, cilium = cni_facts(cp.machine_config if cp else "")
+    if cni == "none" and not cilium:
+        cluster.cni_ready, cluster.coredns_problem = False, None
+        return
+    if cni == "none":  # the install Job runs on the host network once the API answers
+        if not world.sleep(world.knobs.reboot_seconds / 2):
+            return
+    with world.lock:
+        cluster.cni_ready = True
+        cluster.coredns_problem = ("some pods are not ready: [coredns-78f679c54d-4x2bq coredns-78f679c54d-9tz6m]"
+                                   if cni != "none" and proxy_off else None)
+        for x in cluster.nodes.values():
+            if x.talos_up:
+                x.ready = not world.faults.has("node-never-ready", x.hostname)
+        world.changed()
 
 
 def cmd_apply_config(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Result:
@@ -863,7 +924,7 @@ def cmd_apply_config(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> 
             world.update(n, machine_config=text, phase="installing")
             image = facts["image"] or n.installer_image
             kubelet = tag_of(facts["kubelet"]) if facts["kubelet"] else n.kubelet_version
-            world.spawn(partial(_install, world, n, image, kubelet), f"install-{n.hostname}")
+            world.spawn(partial(_install, world, n, image, kubelet, facts["disk"]), f"install-{n.hostname}")
             continue
         world.update(n, machine_config=text)
         inv.out.append(details + "\n")
@@ -872,31 +933,50 @@ def cmd_apply_config(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> 
     return _finish(inv, "applying new configuration", errors)
 
 
-def _install(world: World, n: Node, image: str, kubelet: str) -> None:
+def _install(world: World, n: Node, image: str, kubelet: str, disk: str = "") -> None:
     """Maintenance mode -> install to disk -> boot the installed Talos (joins if the cluster is up)."""
     if not world.sleep(world.knobs.reboot_seconds):
         return
     with world.lock:
+        if disk and disk != n.disk:
+            # The installer finds no such disk; the empty disk boots nothing, so the VM comes up from the
+            # ISO again, in maintenance mode.
+            world.update(n, phase="maintenance")
+            return
         cluster = world.clusters[n.cluster]
         joined = cluster.bootstrapped
         member = new_member_id() if joined and n.role == "controlplane" else n.etcd_member_id
         world.update(n, phase="running", installed=True, talos_version=tag_of(image), installer_image=image,
                      kubelet_version=kubelet if kubelet.startswith("v") else f"v{kubelet}",
                      boot_id=str(uuid.uuid4()), etcd_member_id=member, etcd_running=bool(member),
-                     ready=joined and not world.faults.has("node-never-ready", n.hostname))
+                     booted_at=time.monotonic(),
+                     ready=joined and cluster.cni_ready and not world.faults.has("node-never-ready", n.hostname))
     world.power(n, down=False)
 
 
+# How long after booting the installed Talos its CRI is not yet up: machined answers bootstrap with
+# FailedPrecondition "bootstrap is not available yet" (IsBootstrapAllowed waits 1 s for the cri service).
+BOOTSTRAP_NOT_READY_SHARE = 0.3
+
+
 def cmd_bootstrap(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Result:
+    """talos v1.11.5 internal/app/machined/internal/server/v1alpha1/v1alpha1_server.go Bootstrap: in this order,
+    FailedPrecondition "bootstrap is not available yet" (CRI not up), FailedPrecondition "bootstrap can only
+    be performed on a control plane node", FailedPrecondition "time is not in sync yet", AlreadyExists "etcd
+    data directory is not empty"; talosctl prints "error executing bootstrap: <gRPC error>"."""
     world = inv.world
     n = _first_node(inv, "error executing bootstrap")
     if n is None:
         return _done(inv, 1)
     with world.lock:
         cluster = world.clusters[n.cluster]
-        if n.role != "controlplane":
+        if time.monotonic() - n.booted_at < world.knobs.reboot_seconds * BOOTSTRAP_NOT_READY_SHARE:
             inv.err.append("error executing bootstrap: rpc error: code = FailedPrecondition desc = bootstrap is not "
-                           "available on worker nodes\n")
+                           "available yet\n")
+            return _done(inv, 1)
+        if n.role != "controlplane":
+            inv.err.append("error executing bootstrap: rpc error: code = FailedPrecondition desc = bootstrap can only "
+                           "be performed on a control plane node\n")
             return _done(inv, 1)
         if cluster.bootstrapped or n.etcd_member_id:
             inv.err.append("error executing bootstrap: rpc error: code = AlreadyExists desc = etcd data directory "
@@ -905,11 +985,37 @@ def cmd_bootstrap(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Res
         cluster.bootstrapped = True
         n.etcd_member_id = new_member_id()
         n.etcd_running = True
-        for x in cluster.nodes.values():
-            if x.talos_up:
-                x.ready = not world.faults.has("node-never-ready", x.hostname)
         world.changed()
+    world.spawn(partial(_network_after_bootstrap, world, cluster), f"network-{cluster.name}")
     return _done(inv)
+
+
+def cmd_service(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Result:
+    """`talosctl service etcd` (status) in formatters.RenderServicesInfo's layout. Before bootstrap etcd stays
+    in its pre state, waiting to join (services/etcd.go PreFunc → buildInitialCluster retries): STATE
+    Preparing, HEALTH ? (docs v1.11 advanced/disaster-recovery.md shows it); after: Running, OK."""
+    if not pos or pos[0] != "etcd" or (len(pos) > 1 and pos[1] != "status"):
+        raise UsageError("the simulated talosctl answers `service etcd [status]` only")
+    errors: list[tuple[str, str]] = []
+    for ip, n in _reachable(inv, errors):
+        rows = []
+        if inv.node_column:
+            rows.append(["NODE", ip])
+        if n.role != "controlplane":
+            errors.append((ip, 'rpc error: code = NotFound desc = service "etcd" not registered'))
+            continue
+        rows.append(["ID", "etcd"])
+        if n.etcd_running:
+            rows += [["STATE", "Running"], ["HEALTH", "OK"],
+                     ["EVENTS", "[Running]: Health check successful (12s ago)"],
+                     ["", "[Running]: Started task etcd (PID 2718) for container etcd (14s ago)"],
+                     ["", "[Preparing]: Creating service runner (15s ago)"]]
+        else:
+            rows += [["STATE", "Preparing"], ["HEALTH", "?"],
+                     ["EVENTS", "[Preparing]: Running pre state (17s ago)"],
+                     ["", '[Waiting]: Waiting for service "cri" to be "up", time sync (18s ago)']]
+        inv.out.append(table(rows))
+    return _finish(inv, "listing services", errors)
 
 
 def cmd_kubeconfig(inv: Invocation, flags: dict[str, Any], pos: list[str]) -> Result:
@@ -968,6 +1074,7 @@ HANDLERS: dict[str, Callable[[Invocation, dict[str, Any], list[str]], Result]] =
     "get": cmd_get,
     "apply-config": cmd_apply_config,
     "bootstrap": cmd_bootstrap,
+    "service": cmd_service,
     "kubeconfig": cmd_kubeconfig,
     "rollback": cmd_rollback,
     "reboot": cmd_reboot,

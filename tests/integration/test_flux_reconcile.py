@@ -54,18 +54,6 @@ def test_rfc3339_nano_trims_like_go() -> None:
     assert flux.rfc3339_nano(1_700_000_000_000_000_000) == "2023-11-14T22:13:20Z"
 
 
-def test_handled_waits_for_our_request_and_a_settled_ready() -> None:
-    obj = {"metadata": {"generation": 2},
-           "status": {"observedGeneration": 2, "lastHandledReconcileAt": "t1",
-                      "conditions": [{"type": "Ready", "status": "Unknown", "reason": "Progressing"}]}}
-    assert not flux.handled(obj, "t1")  # Ready still Unknown
-    obj["status"]["conditions"][0]["status"] = "False"
-    assert flux.handled(obj, "t1")
-    assert not flux.handled(obj, "t2")  # an older request's answer
-    obj["status"]["observedGeneration"] = 1
-    assert not flux.handled(obj, "t1")  # the controller has not seen this generation
-
-
 def test_reconcile_times_out_naming_the_object_and_its_last_state(twin: Any) -> None:
     from tasks.kube import Kube
 

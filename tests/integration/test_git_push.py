@@ -115,7 +115,7 @@ def test_signed_push_reconciles_exactly_the_affected_kustomizations(
     save_twin_block(t)
     rel = "k8s/infrastructure/core/base/cilium/helmrelease.yaml"
     before, after = touch(t, rel, "# retuned\n")
-    base = serve_asgi(create_app(SECRET, prefect_api_url))
+    base = serve_asgi(create_app(SECRET, prefect_api_url, repositories=["example/homelab"]))
     body = github_push(before, after, [rel])
     sig = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
     resp = httpx.post(f"{base}/hooks/git", content=body, timeout=10, headers={
@@ -124,7 +124,8 @@ def test_signed_push_reconciles_exactly_the_affected_kustomizations(
     assert resp.status_code == 200, resp.text
     run = wait_run(served.id)
     assert run.state.is_completed(), f"{run.state.type}: {run.state.message}"
-    assert run.parameters["after"] == after and run.parameters["changed_paths"] == [rel]
+    # The event names no paths: the flow takes them from its own clone at `after`.
+    assert run.parameters["after"] == after and not run.parameters.get("changed_paths")
     want = affected(t)
     assert {"api-proxy", "smokeping"} <= want["m720q"] and "sources" not in want["m720q"]
     for cluster, names in want.items():
@@ -188,3 +189,67 @@ def test_talos_version_change_asks_for_an_approved_upgrade_and_reports_a_missing
     assert start["parameters"] == {"cluster": "m720q", "require_approval": True}
     assert start["outcome"] == "not started: deployment missing"
     assert result["reconcile"] == {} and not requested(t, "m720q")
+
+
+UPGRADES = ("talos-upgrade", "kubernetes-upgrade", "cluster-upgrade")
+
+
+@pytest.fixture
+def upgrade_deployments(prefect_api_url: str) -> Any:
+    """The three upgrade deployments of prefect.yaml, registered with no runner (their runs stay Scheduled);
+    deleted afterwards with their runs, since other tests expect them not deployed."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterDeploymentId
+    from prefect.exceptions import ObjectNotFound
+
+    from deployments.serve import load_definitions, to_deployments
+
+    def forget() -> None:
+        with get_client(sync_client=True) as client:
+            for name in UPGRADES:
+                try:
+                    dep = client.read_deployment_by_name(f"{name}/{name}")
+                except ObjectNotFound:
+                    continue
+                for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                        deployment_id=FlowRunFilterDeploymentId(any_=[dep.id]))):
+                    client.delete_flow_run(run.id)
+                client.delete_deployment(dep.id)
+
+    def runs(name: str) -> list[Any]:
+        with get_client(sync_client=True) as client:
+            dep = client.read_deployment_by_name(f"{name}/{name}")
+            return client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                deployment_id=FlowRunFilterDeploymentId(any_=[dep.id])))
+
+    forget()
+    for deployment in to_deployments(load_definitions(), only=UPGRADES, homelab="twin-both"):
+        deployment.apply()
+    yield runs
+    forget()
+
+
+def test_push_changing_both_versions_starts_exactly_one_cluster_upgrade(twin: Any, upgrade_deployments: Any) -> None:
+    from homelab.config import load_talconfig
+
+    t = twin(flux_delay_seconds=0.05)
+    block = save_twin_block(t, "twin-both")
+    tal = t.git.path / "k8s/clusters/m720q/talos/talconfig.yaml"
+    old = load_talconfig(tal)
+    text = tal.read_text()
+    assert f"talosVersion: {old.talos_version}" in text and f"kubernetesVersion: {old.kubernetes_version}" in text
+    tal.write_text(text.replace(f"talosVersion: {old.talos_version}", "talosVersion: v1.11.6", 1)
+                   .replace(f"kubernetesVersion: {old.kubernetes_version}", "kubernetesVersion: v1.33.0", 1))
+    before = t.git.head()
+    after = t.git.commit_all("talos v1.11.6 and kubernetes v1.33.0")
+    outcome, result = run_push(repository="example/homelab", ref="refs/heads/main", before=before, after=after,
+                               homelab=block)
+    assert outcome == "completed", result
+    [start] = result["deployments"]
+    assert start["deployment"] == "cluster-upgrade/cluster-upgrade"
+    assert start["parameters"] == {"cluster": "m720q", "require_approval": True}
+    assert "then kubernetesVersion" in start["reason"]
+    [run] = upgrade_deployments("cluster-upgrade")
+    assert start["outcome"] == f"started flow run {run.id}"
+    assert run.parameters == {"cluster": "m720q", "require_approval": True, "homelab": "twin-both"}
+    assert upgrade_deployments("talos-upgrade") == [] and upgrade_deployments("kubernetes-upgrade") == []

@@ -168,13 +168,64 @@ def test_wait_node_survives_the_api_server_going_away_mid_watch(world):
                           tolerate_unavailable=True).ready
 
 
-def test_wait_node_without_tolerance_reports_unavailable_api(world):
+def test_a_wait_waits_out_an_unavailable_api_and_names_it_at_the_deadline(world):
     store, server, kube = world
     set_ready(store, "m720q-1", False)
     server.available = False
+    start = time.monotonic()
+    with pytest.raises(KubeTimeout) as e:
+        kube.wait_node("m720q-1", ready_and_schedulable, deadline=time.monotonic() + 1.0)
+    assert time.monotonic() - start < 1.5  # no retry outlives the deadline
+    assert "the API server was unreachable at the end" in str(e.value) and "HTTP 503" in str(e.value)
+
+
+def test_a_throttled_request_is_retried_after_its_retry_after(world):
+    _, server, kube = world
+    server.throttle_share = 1.0
+    later(0.3, lambda: setattr(server, "throttle_share", 0.0))
+    start = time.monotonic()
+    assert len(kube.nodes(timeout_s=10)) == 3
+    # Retry-After: 1 is honoured: the second attempt comes a second after the first, not sooner
+    assert 1.0 <= time.monotonic() - start < 2.5
+    assert server.count("fault", "throttle") == 1
+
+
+def test_retries_stop_at_the_deadline_even_when_retry_after_is_longer(world):
+    _, server, kube = world
+    server.throttle_share = 1.0
+    start = time.monotonic()
     with pytest.raises(KubeUnavailable) as e:
-        kube.wait_node("m720q-1", ready_and_schedulable, deadline=time.monotonic() + 5)
-    assert e.value.retryable and "503" in str(e.value)
+        kube.nodes(timeout_s=0.5)
+    assert time.monotonic() - start < 0.8
+    assert e.value.status == 429 and e.value.retry_after == 1.0
+    assert "Too many requests, please try again later." in str(e.value)
+
+
+def test_transient_errors_of_every_kind_are_retried_until_the_call_passes(world):
+    _, server, kube = world
+    server.flaky_share = 0.5
+    server.rng.seed(3)
+    for _ in range(20):
+        assert len(kube.nodes(timeout_s=10)) == 3
+    assert server.count("fault", "") > 5  # it did meet 500s
+
+
+def test_a_watch_ending_with_504_lists_again_and_the_wait_goes_on(world):
+    store, server, kube = world
+    set_ready(store, "m720q-1", False)
+    server.watch_504_after_s = 0.2
+    later(0.7, lambda: set_ready(store, "m720q-1", True))
+    lists = server.count("list", "Node")
+    assert kube.wait_node("m720q-1", ready_and_schedulable, deadline=time.monotonic() + 10).ready
+    assert server.count("list", "Node") - lists >= 2  # each 504 ended a watch and a fresh list followed
+
+
+def test_connections_keep_tcp_keepalive_on(world):
+    import socket
+
+    _, _, kube = world
+    options = kube.api.rest_client.pool_manager.connection_pool_kw["socket_options"]
+    assert (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1) in options
 
 
 def test_wait_relists_after_410_gone(tmp_path):

@@ -13,9 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-from prefect import flow
+from prefect import State, flow
 from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from prefect.events import emit_event
+from prefect.states import Cancelled
 
 from deployments import notifications
 from deployments.setup import setup
@@ -94,6 +95,35 @@ def kubernetes_upgrade_waiting_for_approval() -> bool:
     return request_approval("| node | from | to |\n|---|---|---|\n| m720q-1 | v1.32.0 | v1.33.0 |", timeout_s=60).approved
 
 
+class ProcessKilled(BaseException):
+    """What the engine sees when the run is torn away from outside (a failed lease renewal injects a
+    CancelledError, a kill ends the process): any BaseException makes the run Crashed."""
+
+
+CRASHED_RUN_IDS: list[str] = []
+
+
+@flow(name="talos-upgrade")
+def crashing_talos_upgrade() -> None:
+    from prefect.runtime import flow_run
+
+    CRASHED_RUN_IDS.append(flow_run.id)
+    raise ProcessKilled("crash-of-the-test-run")
+
+
+@flow(name="provision")
+def cancelled_provision() -> State[None]:
+    # How the disruptive flows end when a cancel or SIGTERM interrupts them: a Cancelled final state.
+    return Cancelled(message="provision of homelab cancelled at homelab-cp-1; run again to go on")
+
+
+@flow(name="kubernetes-upgrade", timeout_seconds=1)
+def overrunning_kubernetes_upgrade() -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # short sleeps: the timeout is raised between them
+        time.sleep(0.05)
+
+
 @flow(name="flux-reconcile")
 def failing_reconcile() -> None:
     raise RuntimeError("reconcile-failure-that-must-not-notify")
@@ -121,6 +151,34 @@ def test_failed_disruptive_run_notifies_with_its_error_line(chat: Chat) -> None:
     assert f"http://prefect.homelab.test/runs/flow-run/{run_id}" in message["text"]
     assert "m720q-2: gate ceph-ok-to-stop: expected ok_to_stop true, saw 12 PGs would become inactive" in message["text"]
     assert not any("reconcile-failure-that-must-not-notify" in m["text"] for m in chat.messages)
+
+
+def run_id_of(state: State[Any]) -> str:
+    return str(state.state_details.flow_run_id)
+
+
+def test_crashed_disruptive_run_notifies_as_crashed(chat: Chat) -> None:
+    with pytest.raises(ProcessKilled):
+        crashing_talos_upgrade()
+    run_id = CRASHED_RUN_IDS[-1]
+    message = chat.wait_for(lambda m: run_id in m["text"], "crash notification")
+    assert message["subject"] == "homelab: talos-upgrade crashed"
+    assert "ended crashed" in message["text"] and "crash-of-the-test-run" in message["text"]
+
+
+def test_cancelled_disruptive_run_notifies_as_cancelled(chat: Chat) -> None:
+    state = cancelled_provision(return_state=True)
+    assert state.is_cancelled()
+    message = chat.wait_for(lambda m: run_id_of(state) in m["text"], "cancel notification")
+    assert message["subject"] == "homelab: provision cancelled"
+    assert "cancelled at homelab-cp-1; run again to go on" in message["text"]
+
+
+def test_timed_out_disruptive_run_notifies_as_failed(chat: Chat) -> None:
+    state = overrunning_kubernetes_upgrade(return_state=True)
+    assert state.is_failed() and state.name == "TimedOut"  # an event named prefect.flow-run.TimedOut
+    message = chat.wait_for(lambda m: run_id_of(state) in m["text"], "timeout notification")
+    assert message["subject"] == "homelab: kubernetes-upgrade failed"
 
 
 def test_run_waiting_for_approval_notifies_with_link_and_command_that_approves_it(chat: Chat) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from homelab.config import ProxmoxCluster, load_cluster_yaml
-from homelab.provision import Action, config_updates, plan_provision
+from homelab.provision import Action, config_updates, owner_marker, plan_provision
 from tasks.proxmox import (
     ProxmoxApi,
     ProxmoxApiError,
@@ -69,9 +69,11 @@ def provision(api: ProxmoxApi, cfg: ProxmoxCluster) -> None:
         want = next(v for v in cfg.vms if v.vmid == step.vmid)
         if step.action == Action.CREATE:
             api.wait_task(node, api.clone_template(node, cfg.proxmox.template.vmid, want.vmid, want.name,
-                                                   storage=cfg.proxmox.storage), deadline_in(10))
+                                                   storage=cfg.proxmox.storage, description=owner_marker("homelab")),
+                          deadline_in(10))
             step = plan_provision(cfg, api.list_vms(node)).vm(want.name)  # type: ignore[assignment]
-        if params := config_updates(cfg, want, step):
+        base = next(v for v in api.list_vms() if v.vmid == want.vmid)
+        if params := config_updates(cfg, want, step, base):
             api.wait_task(node, api.set_config(node, want.vmid, params), deadline_in(10))
         if step.change("disk"):
             upid = api.resize_disk(node, want.vmid, "scsi0", want.disk)

@@ -699,3 +699,137 @@ def test_kubectl_patches_a_kustomization_and_cordons_a_node(kubectl, store: Kube
     out = kubectl("cordon", "m720q-1")
     assert out.returncode == 0, out.stderr
     assert store.get("v1", "Node", None, "m720q-1")["spec"]["unschedulable"] is True
+
+
+# --- what a real kube-apiserver refuses, with its status and message ----------------------------
+
+
+def raw_text(server: KubeApiServer, method: str, path: str, body: Any = None,
+             headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=5)
+    try:
+        data = json.dumps(body).encode() if body is not None else None
+        conn.request(method, path, body=data, headers={"Authorization": f"Bearer {TOKEN}", **(headers or {})})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+KS_PATH = "/apis/kustomize.toolkit.fluxcd.io/v1/namespaces/flux-system/kustomizations"
+
+
+@pytest.mark.parametrize("path", [f"{KS_PATH}?fieldSelector=spec.suspend%3Dtrue",
+                                  f"{KS_PATH}?watch=true&fieldSelector=status.observedGeneration%3D1"])
+def test_a_field_selector_on_a_custom_resource_field_answers_400_field_label_not_supported(
+        server: KubeApiServer, store: KubeStore, path: str) -> None:
+    # apiextensions-apiserver crConverter.ConvertFieldLabel: metadata.name and metadata.namespace only.
+    store.create(kustomization("apps"))
+    code, status = raw(server, "GET", path)
+    label = path.split("fieldSelector=")[1].split("%3D")[0]
+    assert code == 400
+    assert status["reason"] == "BadRequest" and status["message"] == f"field label not supported: {label}"
+    code, found = raw(server, "GET", f"{KS_PATH}?fieldSelector=metadata.name%3Dapps,metadata.namespace%3Dflux-system")
+    assert code == 200 and [i["metadata"]["name"] for i in found["items"]] == ["apps"]
+
+
+def test_a_node_field_selector_takes_name_and_unschedulable_only(server: KubeApiServer, store: KubeStore) -> None:
+    store.create(node("m720q-1"))
+    assert raw(server, "GET", "/api/v1/nodes?fieldSelector=spec.unschedulable%3Dfalse")[0] == 200
+    code, status = raw(server, "GET", "/api/v1/nodes?fieldSelector=status.phase%3DRunning")
+    assert code == 400 and status["message"] == "field label not supported: status.phase"
+
+
+def test_an_update_of_a_custom_resource_without_resource_version_answers_422(
+        server: KubeApiServer, store: KubeStore) -> None:
+    # Custom resources do not allow unconditional updates (the registry store's Update).
+    created = store.create(kustomization("apps"))
+    body = {**kustomization("apps"), "spec": {**kustomization("apps")["spec"], "suspend": True}}
+    code, status = raw(server, "PUT", f"{KS_PATH}/apps", body)
+    assert code == 422 and status["reason"] == "Invalid"
+    assert status["message"] == ('kustomizations.kustomize.toolkit.fluxcd.io "apps" is invalid: '
+                                 "metadata.resourceVersion: Invalid value: 0x0: must be specified for an update")
+    assert status["details"]["causes"] == [{"reason": "FieldValueInvalid", "field": "metadata.resourceVersion",
+                                            "message": "Invalid value: 0x0: must be specified for an update"}]
+    assert store.get(KS_AV, "Kustomization", "flux-system", "apps")["metadata"]["resourceVersion"] == \
+        created["metadata"]["resourceVersion"]
+    body["metadata"]["resourceVersion"] = created["metadata"]["resourceVersion"]
+    assert raw(server, "PUT", f"{KS_PATH}/apps", body)[0] == 200
+    # a built-in kind still takes an unconditional update
+    store.create(node("m720q-1"))
+    assert raw(server, "PUT", "/api/v1/nodes/m720q-1", node("m720q-1", labels={"x": "y"}))[0] == 200
+
+
+def test_a_dry_run_patch_answers_the_patched_object_and_stores_nothing(server: KubeApiServer, store: KubeStore) -> None:
+    created = store.create(kustomization("apps"))
+    code, obj = raw(server, "PATCH", f"{KS_PATH}/apps?dryRun=All", {"spec": {"suspend": True}},
+                    {"Content-Type": "application/merge-patch+json"})
+    assert code == 200 and obj["spec"]["suspend"] is True and obj["metadata"]["generation"] == 2
+    assert obj["metadata"]["resourceVersion"] == created["metadata"]["resourceVersion"]
+    stored = store.get(KS_AV, "Kustomization", "flux-system", "apps")
+    assert "suspend" not in stored["spec"] and stored["metadata"]["generation"] == 1
+
+
+def watch_lines(server: KubeApiServer, path: str, read_timeout: float = 5) -> list[dict[str, Any]]:
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=read_timeout)
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Bearer {TOKEN}"})
+        resp = conn.getresponse()
+        return [json.loads(line) for line in resp.read().splitlines() if line.strip()]
+    finally:
+        conn.close()
+
+
+def test_bookmarks_come_about_once_a_bookmark_interval(server: KubeApiServer, store: KubeStore) -> None:
+    rv = store.create(node("m720q-1"))["metadata"]["resourceVersion"]
+    quiet = watch_lines(server, f"/api/v1/nodes?watch=true&allowWatchBookmarks=true&resourceVersion={rv}"
+                                "&timeoutSeconds=2")
+    assert quiet == []  # the default interval is a minute, as kube-apiserver's watch cache
+    server.bookmark_interval_s = 0.5
+    events = watch_lines(server, f"/api/v1/nodes?watch=true&allowWatchBookmarks=true&resourceVersion={rv}"
+                                 "&timeoutSeconds=2")
+    assert 2 <= len(events) <= 4 and {e["type"] for e in events} == {"BOOKMARK"}
+
+
+def test_a_throttled_request_answers_429_in_plain_text_with_retry_after(server: KubeApiServer) -> None:
+    # apiserver filters/maxinflight.go tooManyRequests: http.Error's text, not a Status object.
+    server.throttle_share = 1.0
+    code, headers, body = raw_text(server, "GET", "/api/v1/nodes")
+    assert code == 429 and headers["retry-after"] == "1"
+    assert headers["content-type"].startswith("text/plain") and body == b"Too many requests, please try again later.\n"
+    assert raw_text(server, "GET", "/healthz")[0] == 200
+    server.throttle_share = 0.0
+    assert raw_text(server, "GET", "/api/v1/nodes")[0] == 200
+
+
+def test_a_blackholed_server_accepts_never_answers_then_resets_and_serves_again(server: KubeApiServer) -> None:
+    server.blackhole_for(1.0)
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=0.4)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):  # connected, request sent, no answer
+        conn.request("GET", "/api/v1/nodes", headers={"Authorization": f"Bearer {TOKEN}"})
+        conn.getresponse()
+    conn.close()
+    patient = http.client.HTTPConnection(server.host, server.port, timeout=5)
+    patient.request("GET", "/api/v1/nodes", headers={"Authorization": f"Bearer {TOKEN}"})
+    with pytest.raises((ConnectionResetError, http.client.RemoteDisconnected)):
+        patient.getresponse()  # the window ends: the connection is reset, never answered
+    assert 0.9 <= time.monotonic() - started < 3
+    patient.close()
+    assert raw(server, "GET", "/api/v1/nodes")[0] == 200
+    assert server.count("fault", "blackhole") >= 2
+
+
+def test_under_watch_504_a_watch_ends_with_the_watch_cache_timeout_status(server: KubeApiServer,
+                                                                         store: KubeStore) -> None:
+    rv = store.create(node("m720q-1"))["metadata"]["resourceVersion"]
+    server.watch_504_after_s = 0.5
+    threading.Timer(0.1, lambda: store.patch("v1", "Node", None, "m720q-1", {"spec": {"unschedulable": True}})).start()
+    started = time.monotonic()
+    events = watch_lines(server, f"/api/v1/nodes?watch=true&resourceVersion={rv}&timeoutSeconds=30")
+    assert 0.4 < time.monotonic() - started < 2
+    assert [e["type"] for e in events] == ["MODIFIED", "ERROR"]
+    status = events[-1]["object"]
+    assert status["code"] == 504 and status["reason"] == "Timeout"
+    assert status["message"].startswith("Timeout: Too large resource version: ")
+    assert status["details"]["causes"] == [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}]

@@ -109,7 +109,8 @@ def test_synced_state_runs_every_vm_as_cluster_yaml_says(cfg: ProxmoxCluster, tm
             conf = api.nodes(cfg.proxmox.node).qemu(vm.vmid).config.get()
             assert (conf["name"], str(conf["cores"]), str(conf["memory"])) == (vm.name, str(vm.cores), str(vm.memory))
             assert f"size={vm.disk}G" in conf["scsi0"]
-            assert conf["net0"] == f"virtio={vm.mac},bridge={cfg.proxmox.bridge}"
+            assert conf["net0"].startswith(f"virtio={vm.mac},bridge={cfg.proxmox.bridge},")
+            assert conf["description"] == "homelab-flows: cluster=homelab"
             assert sorted(conf["tags"].split(";")) == sorted(vm.tags)
 
 
@@ -144,3 +145,62 @@ def test_resize_grows_the_disk_and_refuses_a_shrink(fresh: FakeProxmox, cfg: Pro
     assert "size=64G" in api.nodes(node).qemu(201).config.get()["scsi0"]
     with pytest.raises(ResourceException, match="shrinking disks is not supported"):
         api.nodes(node).qemu(201).resize.put(disk="scsi0", size="32G")
+
+
+# --- what PVE 8 refuses, as qemu-server and pve-common do (docs/twin.md cites each) ----------------------
+
+
+def test_clone_without_sdn_use_is_a_synchronous_403_naming_the_bridge(fresh: FakeProxmox, cfg: ProxmoxCluster) -> None:
+    fresh.revoke("SDN.Use")
+    api = client(fresh)
+    with pytest.raises(ResourceException) as err:
+        api.nodes("pve").qemu(9000).clone.post(newid=201, name="homelab-cp-1", full=1)
+    assert err.value.status_code == 403
+    assert "/sdn/zones/localnetwork/vmbr0/42" in str(err.value) and "SDN.Use" in str(err.value)
+    assert [v["vmid"] for v in api.cluster.resources.get(type="vm")] == [9000]
+
+
+def test_config_on_a_backup_locked_vm_is_refused_before_any_task(fresh: FakeProxmox, cfg: ProxmoxCluster) -> None:
+    api = client(fresh)
+    await_ok(api, "pve", api.nodes("pve").qemu(9000).clone.post(newid=201, name="homelab-cp-1", full=1))
+    fresh.lock_vm(201, "backup", 30)
+    tasks_before = len(api.nodes("pve").tasks.get())
+    with pytest.raises(ResourceException, match=r"VM is locked \(backup\)") as err:
+        api.nodes("pve").qemu(201).config.post(memory=4096)
+    assert err.value.status_code == 500 and len(api.nodes("pve").tasks.get()) == tasks_before
+
+
+def test_a_clone_in_progress_has_only_lock_clone_and_no_name(cfg: ProxmoxCluster, tmp_path: Path) -> None:
+    with FakeProxmox(cfg, tmp_path, synced=False, on_vm_power=lambda *a: None, time_scale=0.2) as pve:
+        api = client(pve)
+        upid = api.nodes("pve").qemu(9000).clone.post(newid=201, name="homelab-cp-1", full=1)
+        during = api.nodes("pve").qemu(201).config.get()
+        listed = next(v for v in api.cluster.resources.get(type="vm") if v["vmid"] == 201)
+        assert during.get("lock") == "clone" and "name" not in during and "name" not in listed
+        await_ok(api, "pve", upid, timeout=10)
+        after = api.nodes("pve").qemu(201).config.get()
+        assert after["name"] == "homelab-cp-1" and "lock" not in after and "tag=42" in after["net0"]
+
+
+def test_warning_tasks_end_warnings_n_with_their_warn_line(fresh: FakeProxmox, cfg: ProxmoxCluster) -> None:
+    fresh.warn_tasks(True)
+    api = client(fresh)
+    upid = api.nodes("pve").qemu(9000).clone.post(newid=201, name="homelab-cp-1", full=1)
+    assert await_ok(api, "pve", upid)["exitstatus"] == "WARNINGS: 1"
+    log = [line["t"] for line in api.nodes("pve").tasks(upid).log.get()]
+    assert log[-1] == "TASK WARNINGS: 1" and any(line.startswith("WARN: ") for line in log)
+
+
+def test_guest_agent_needs_vm_monitor_and_a_running_agent(fresh: FakeProxmox, cfg: ProxmoxCluster) -> None:
+    api = client(fresh)
+    await_ok(api, "pve", api.nodes("pve").qemu(9000).clone.post(newid=201, name="homelab-cp-1", full=1))
+    await_ok(api, "pve", api.nodes("pve").qemu(201).status.start.post())
+    with pytest.raises(ResourceException, match="QEMU guest agent is not running"):
+        api.nodes("pve").qemu(201).agent("network-get-interfaces").get()
+    fresh.set_agent(201, [{"name": "eth0", "hardware-address": "bc:24:11:00:01:61",
+                           "ip-addresses": [{"ip-address": "10.42.0.200", "ip-address-type": "ipv4", "prefix": 24}]}])
+    assert api.nodes("pve").qemu(201).agent("network-get-interfaces").get()["result"][0]["hardware-address"] == \
+        "bc:24:11:00:01:61"
+    fresh.revoke("VM.Monitor")
+    with pytest.raises(ResourceException, match="VM.Monitor"):
+        api.nodes("pve").qemu(201).agent("network-get-interfaces").get()

@@ -222,7 +222,7 @@ def test_generated_config_is_what_the_twins_apply_config_reads(lab: Path) -> Non
 
     assert gen_config(lab)[2] == 0
     facts = _machine_facts((lab / "out/worker.yaml").read_text())
-    assert facts == {"type": "worker", "image": INSTALLER, "kubelet": "ghcr.io/siderolabs/kubelet:v1.32.0"}
+    assert facts == {"type": "worker", "image": INSTALLER, "disk": "/dev/sda", "kubelet": "ghcr.io/siderolabs/kubelet:v1.32.0"}
 
 
 # --- gen config: patches -----------------------------------------------------------------------

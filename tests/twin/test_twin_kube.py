@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import threading
+import time
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 from kubernetes import client, config, watch
 
 KS = ("kustomize.toolkit.fluxcd.io", "v1", "flux-system", "kustomizations")
@@ -23,22 +25,29 @@ def request_reconcile(t: Any, name: str, kind: tuple[str, str, str, str] = KS) -
     return stamp
 
 
-def wait_handled(t: Any, name: str, stamp: str, kind: tuple[str, str, str, str] = KS) -> dict[str, Any]:
+def settled(obj: dict[str, Any]) -> bool:
+    """The controller is done with its attempt: no Reconciling, or one that only says it will retry."""
+    rec = next((c for c in obj["status"].get("conditions") or [] if c["type"] == "Reconciling"), None)
+    return rec is None or rec["reason"] == "ProgressingWithRetry"
+
+
+def wait_handled(t: Any, name: str, stamp: str, kind: tuple[str, str, str, str] = KS,
+                 until: Any = settled, timeout: float = 3) -> dict[str, Any]:
     done = threading.Event()
     result: dict[str, Any] = {}
     store = t.stores["m720q"]
-    kind_name = {"kustomizations": "Kustomization", "gitrepositories": "GitRepository"}[kind[3]]
+    kind_name = {"kustomizations": "Kustomization", "gitrepositories": "GitRepository",
+                 "helmreleases": "HelmRelease"}[kind[3]]
 
     def check(*_: Any) -> None:
         obj = store.get(f"{kind[0]}/{kind[1]}", kind_name, kind[2], name)
         st = obj.get("status") or {}
-        conds = {c["type"]: c for c in st.get("conditions") or []}
-        if st.get("lastHandledReconcileAt") == stamp and "Reconciling" not in conds:
+        if st.get("lastHandledReconcileAt") == stamp and until(obj):
             result.update(obj)
             done.set()
     unsub = store.subscribe(check)
     check()
-    assert done.wait(3), f"{name} never handled {stamp}"
+    assert done.wait(timeout), f"{name} never handled {stamp}"
     unsub()
     return result
 
@@ -66,19 +75,19 @@ def test_kubectl_sees_nodes_and_cordon_reaches_talos_health(twin):
     assert t.world.wait_for(lambda: t.world.node("m720q-2").unschedulable, 2)
 
 
-def test_a_reboot_shows_notready_then_ready_with_the_new_osimage_on_a_watch(twin):
+def _follow_reboot(t: Any) -> list[tuple[str, str, str]]:
+    """Upgrade m720q-1 and watch its Node: (Ready status, osImage, bootID) of every event until it is back."""
     from twin import talos
-    t = twin(reboot_seconds=0.3)
     core = client.CoreV1Api(api(t))
     rv = core.list_node().metadata.resource_version
-    seen: list[tuple[str, str]] = []
+    seen: list[tuple[str, str, str]] = []
 
     def follow() -> None:
         for ev in watch.Watch().stream(core.list_node, resource_version=rv, field_selector="metadata.name=m720q-1",
                                        timeout_seconds=5):
             node = ev["object"]
             cond = next(c.status for c in node.status.conditions if c.type == "Ready")
-            seen.append((cond, node.status.node_info.os_image))
+            seen.append((cond, node.status.node_info.os_image, node.status.node_info.boot_id))
             if cond == "True" and node.status.node_info.os_image == "Talos (v1.11.5)":
                 return
     th = threading.Thread(target=follow)
@@ -87,9 +96,28 @@ def test_a_reboot_shows_notready_then_ready_with_the_new_osimage_on_a_watch(twin
                              {"TALOSCONFIG": str(t.talosconfig)})
     assert code == 0, err
     th.join(5)
-    statuses = [s for s, _ in seen]
-    assert "Unknown" in statuses and seen[-1] == ("True", "Talos (v1.11.5)")
+    return seen
+
+
+def test_a_reboot_longer_than_the_grace_period_shows_unknown_then_ready_with_the_new_osimage(twin):
+    t = twin(reboot_seconds=0.4, node_monitor_grace_seconds=0.1)
+    boot = t.world.node("m720q-1").boot_id
+    seen = _follow_reboot(t)
+    statuses = [s for s, _, _ in seen]
+    assert "Unknown" in statuses and seen[-1][:2] == ("True", "Talos (v1.11.5)")
     assert statuses.index("Unknown") < len(statuses) - 1
+    unknown = next(i for i, (s, _, _) in enumerate(seen) if s == "Unknown")
+    assert seen[unknown][1:] == ("Talos (v1.11.4)", boot)  # the lifecycle controller keeps what was last posted
+    assert seen[-1][2] != boot
+
+
+def test_a_reboot_within_the_grace_period_never_shows_the_node_not_ready(twin):
+    # node-monitor-grace-period is 50 s: a node that is back sooner only changes bootID and osImage.
+    t = twin(reboot_seconds=0.3)
+    boot = t.world.node("m720q-1").boot_id
+    seen = _follow_reboot(t)
+    assert {s for s, _, _ in seen} == {"True"}
+    assert seen[-1][1:] != ("Talos (v1.11.4)", boot) and seen[-1][2] != boot
 
 
 def test_kustomization_reconcile_honours_requested_at(twin):
@@ -104,28 +132,70 @@ def test_kustomization_reconcile_honours_requested_at(twin):
     assert rec.ok and rec.end - rec.start >= 0.05
 
 
-def test_flux_fails_fault_sets_ready_false_with_a_message(twin):
+def condition_of(obj: dict[str, Any], ctype: str) -> dict[str, Any] | None:
+    return next((c for c in obj["status"].get("conditions") or [] if c["type"] == ctype), None)
+
+
+def test_a_failed_apply_keeps_reconciling_with_retry_and_does_not_observe_the_generation(twin):
+    # kustomize-controller finalizeStatus: Ready=False with the error, Reconciling stays (reason
+    # ProgressingWithRetry), observedGeneration moves only on success -- the realworld describe sample.
     t = twin(faults=["flux-fails=smokeping"])
+    store = t.stores["m720q"]
+    store.mutate("kustomize.toolkit.fluxcd.io/v1", "Kustomization", "flux-system", "smokeping",
+                 lambda o: o["spec"].update(timeout="4m30s"))  # a new generation to (not) observe
     stamp = request_reconcile(t, "smokeping")
     obj = wait_handled(t, "smokeping", stamp)
-    assert ready(obj)["status"] == "False" and ready(obj)["reason"] == "ReconciliationFailed" and ready(obj)["message"]
+    assert ready(obj)["status"] == "False" and ready(obj)["reason"] == "ReconciliationFailed"
+    assert "dry-run failed" in ready(obj)["message"]
+    rec = condition_of(obj, "Reconciling")
+    assert rec is not None and rec["status"] == "True" and rec["reason"] == "ProgressingWithRetry"
+    assert rec["message"].startswith("Detecting drift for revision main@sha1:") and "timeout of 4m30s" in rec["message"]
+    assert obj["metadata"]["generation"] == 2 and obj["status"]["observedGeneration"] == 1
+    assert obj["status"]["lastAttemptedRevision"] == t.git.revision()
+    assert [c["type"] for c in obj["status"]["conditions"]][:2] == ["Ready", "Reconciling"]
 
 
-def test_dependency_not_ready_then_retried_when_the_dependency_becomes_ready(twin):
-    t = twin(faults=["flux-fails=rook-ceph-cluster"])
+def test_a_dependent_of_a_failing_dependency_is_dependency_not_ready_and_requeued_on_the_interval(twin):
+    t = twin(faults=["flux-fails=rook-ceph-cluster"], requeue_dependency_seconds=0.4)
     stamp = request_reconcile(t, "rook-ceph-cluster")
     wait_handled(t, "rook-ceph-cluster", stamp)
     stamp = request_reconcile(t, "smokeping")
     obj = wait_handled(t, "smokeping", stamp)
-    assert ready(obj)["reason"] == "DependencyNotReady"
+    first_answer = time.monotonic()
+    assert ready(obj)["status"] == "False" and ready(obj)["reason"] == "DependencyNotReady"
     assert ready(obj)["message"] == "dependency 'flux-system/rook-ceph-cluster' is not ready"
+    assert condition_of(obj, "Reconciling") is None  # the dependency check comes before any work
+    assert not t.record.reconciles_of("Kustomization", "smokeping")  # nothing was applied
     t.clear("flux-fails")
     request_reconcile(t, "rook-ceph-cluster")
-    assert t.world.wait_for(lambda: ready(t.stores["m720q"].get(
-        "kustomize.toolkit.fluxcd.io/v1", "Kustomization", "flux-system", "smokeping"))["status"] == "True", 3)
-    recs = t.record.reconciles_of("Kustomization")
-    last_dep = max(r.end for r in recs if r.name == "rook-ceph-cluster")
-    assert max(r.start for r in recs if r.name == "smokeping") >= last_dep
+    store = t.stores["m720q"]
+    assert t.world.wait_for(lambda: ready(store.get("kustomize.toolkit.fluxcd.io/v1", "Kustomization", "flux-system",
+                                                    "smokeping"))["status"] == "True", 3)
+    # Nothing tells the dependent its dependency is ready: it looks again after --requeue-dependency.
+    [rec] = t.record.reconciles_of("Kustomization", "smokeping")
+    assert rec.start - first_answer >= 0.35
+    last_dep = max(r.end for r in t.record.reconciles_of("Kustomization", "rook-ceph-cluster"))
+    assert rec.start >= last_dep
+
+
+def test_requested_at_is_read_when_a_reconcile_starts_and_a_later_request_runs_it_again(twin):
+    t = twin(flux_delay_seconds=0.4)
+    first = request_reconcile(t, "api-proxy")
+    store = t.stores["m720q"]
+    assert t.world.wait_for(lambda: t.record.reconciles_of("Kustomization", "api-proxy"), 2)
+    second = request_reconcile(t, "api-proxy")  # while the first attempt runs
+    seen: list[str] = []
+
+    def note(ev: str, obj: dict[str, Any]) -> None:
+        if obj.get("kind") == "Kustomization" and obj["metadata"]["name"] == "api-proxy":
+            value = (obj.get("status") or {}).get("lastHandledReconcileAt")
+            if value and (not seen or seen[-1] != value):
+                seen.append(value)
+    unsub = store.subscribe(note)
+    wait_handled(t, "api-proxy", second)
+    unsub()
+    assert seen == [first, second]
+    assert len(t.record.reconciles_of("Kustomization", "api-proxy")) == 2
 
 
 def test_source_reconcile_reads_the_new_git_head_and_kustomizations_follow(twin):
@@ -191,3 +261,21 @@ def test_helmreleases_take_the_overlay_namespace_and_its_patches(tmp_path):
     assert hr["metadata"] == {"name": "web", "namespace": "web"}
     assert hr["spec"]["chart"]["spec"]["version"] == "2.0.0"
     assert helmreleases_at(tmp_path, "./app/missing") == []
+
+
+def test_the_network_faults_take_no_argument_and_act_on_every_api_server(twin):
+    from twin.state import parse_fault
+
+    t = twin(faults=["kube-throttle", "watch-504", "kube-blackhole"], watch_504_seconds=0.5)
+    for server in t.kube.values():
+        assert server.throttle_share == 0.3 and server.watch_504_after_s == 0.5
+        assert server.blackholed  # 20 s from the start, then normal again
+    t.inject("kube-blackhole", "0.2")
+    assert t.world.wait_for(lambda: not t.kube["m720q"].blackholed, 1)
+    t.clear("kube-throttle")
+    t.clear("watch-504")
+    assert t.kube["homelab"].throttle_share == 0.0 and t.kube["homelab"].watch_504_after_s is None
+    for bad, words in (("kube-blackhole=soon", "number of seconds"), ("kube-throttle=2", "share of requests"),
+                       ("watch-504=1", "takes no argument")):
+        with pytest.raises(ValueError, match=words):
+            parse_fault(bad)

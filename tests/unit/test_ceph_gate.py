@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -376,7 +377,15 @@ class ScriptedCli(CephCli):
 
     def status(self):  # type: ignore[override]
         reply = self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
+        self.last = reply
         return ceph_gate.parse_status(reply)
+
+    def pg_stat(self):  # type: ignore[override]
+        # What the active mgr says: the same PG states as the status reply being read.
+        reply = self.replies[0]
+        by_state = [{"name": s["state_name"], "num": s["count"]} for s in reply["pgmap"]["pgs_by_state"]]
+        return ceph_gate.parse_pg_stat({"pg_ready": True, "pg_summary": {"num_pg_by_state": by_state,
+                                                                          "num_pgs": reply["pgmap"]["num_pgs"]}})
 
 
 def raw_status(pgs: list[tuple[str, int]], checks: dict | None = None) -> dict:
@@ -410,3 +419,261 @@ def test_wait_clean_times_out_naming_the_last_state_and_next_step() -> None:
         cli.wait_clean(2.0, clock=clock, sleep=clock.sleep)
     assert "16 active+undersized+degraded" in str(e.value) and "then run again" in str(e.value)
     assert clock.now == pytest.approx(2.0)
+
+
+# ---- the homelab's shape: mons, mgrs, CRUSH names, EAGAIN, noout ownership ----------------------
+
+REAL = json.loads((Path(__file__).resolve().parent / "data" / "ceph-16.2.15.json").read_text())
+# The real capture's nodes: kubernetes.io/hostname equals the node name, one of them a dotted name.
+LABELS = {"m720q-1": "m720q-1", "m720q-2": "m720q-2", "m720q-3.lan": "m720q-3.lan"}
+
+
+def real(name: str) -> str:
+    return REAL[name]["stdout"]
+
+
+def test_ok_to_stop_eagain_is_undecided_not_a_refusal() -> None:
+    r = REAL["ok_to_stop_eagain"]
+    a = ceph_gate.parse_ok_to_stop(r["stdout"], r["rc"], r["stderr"])
+    assert a.undecided and not a.ok and a.returncode == 11 and len(a.unknown_pgs) == 17
+    v = ceph_gate.ok_to_stop_verdict(a, [1], host="m720q-2")
+    assert not v.ok and "17 PGs have unknown state" in v.reason and "ask again" in v.reason
+
+
+def test_ok_to_stop_names_already_inactive_and_more_degraded_pgs() -> None:
+    r = REAL["ok_to_stop_already_inactive"]
+    a = ceph_gate.parse_ok_to_stop(r["stdout"], r["rc"], r["stderr"])
+    v = ceph_gate.ok_to_stop_verdict(a, [0], host="m720q-1")
+    assert not v.ok and "17 PGs are already inactive" in v.reason and "17 PGs would become inactive" in v.reason
+    r = REAL["ok_to_stop_more_degraded"]
+    b = ceph_gate.parse_ok_to_stop(r["stdout"], r["rc"], r["stderr"])
+    assert len(b.ok_become_more_degraded) == 16 and b.bad_become_inactive == ("2.0",)
+    assert "1 PGs would become inactive (2.0)" in ceph_gate.ok_to_stop_verdict(b, [1]).reason
+
+
+def test_crush_host_name_turns_dots_into_dashes_as_rook_does() -> None:
+    assert ceph_gate.crush_host_name("m720q-3.lan") == "m720q-3-lan"
+    assert ceph_gate.crush_host_name("m720q-1") == "m720q-1"
+
+
+def test_osds_of_a_dotted_hostname_are_found_under_rooks_crush_name() -> None:
+    tree = ceph_gate.parse_osd_tree(real("osd_tree_fqdn"))
+    assert tree.hosts == {"m720q-1": (0,), "m720q-2": (1,), "m720q-3-lan": (2,)}
+    placed = ceph_gate.node_osds("m720q-3.lan", LABELS, tree, ceph_gate.parse_node_ls(real("node_ls")))
+    assert placed.verdict.ok and placed.osds == (2,) and placed.bucket == "m720q-3-lan"
+    # By CRUSH alone (no `ceph node ls`), too.
+    assert ceph_gate.node_osds("m720q-3.lan", LABELS, tree).osds == (2,)
+
+
+def test_node_without_osds_needs_no_osd_gate_and_says_so() -> None:
+    tree = ceph_gate.parse_osd_tree(real("osd_tree_fqdn"))
+    labels = {**LABELS, "m720q-4": "m720q-4"}
+    placed = ceph_gate.node_osds("m720q-4", labels, tree, ceph_gate.parse_node_ls(real("node_ls")))
+    assert placed.verdict.ok and placed.osds == ()
+    assert "holds no OSDs" in placed.verdict.reason and "no OSD gate needed" in placed.verdict.reason
+
+
+def test_node_osds_refuses_when_an_osd_sits_under_a_host_no_node_matches() -> None:
+    # The label of m720q-3.lan is not known (say, the Node was renamed): its OSD could be anyone's.
+    tree = ceph_gate.parse_osd_tree(real("osd_tree_fqdn"))
+    labels = {"m720q-1": "m720q-1", "m720q-2": "m720q-2", "m720q-4": "m720q-4"}
+    placed = ceph_gate.node_osds("m720q-4", labels, tree)
+    assert not placed.verdict.ok and "CRUSH hosts m720q-3-lan match no node" in placed.verdict.reason
+
+
+def test_node_osds_include_those_whose_daemon_names_the_node_outside_its_bucket() -> None:
+    tree = ceph_gate.parse_osd_tree({"nodes": [{"id": -1, "name": "default", "type": "root", "children": [-3]},
+                                               {"id": -3, "name": "m720q-1", "type": "host", "children": []},
+                                               {"id": 5, "name": "osd.5", "type": "osd"}], "stray": []})
+    daemons = ceph_gate.Daemons(osds={"m720q-1": (5,)})
+    placed = ceph_gate.node_osds("m720q-1", {"m720q-1": "m720q-1"}, tree, daemons)
+    assert placed.verdict.ok and placed.osds == (5,)
+
+
+def test_mon_gate_reads_a_muted_mon_down_from_the_quorum_itself() -> None:
+    daemons = ceph_gate.parse_node_ls(real("node_ls"))
+    down = ceph_gate.parse_quorum_status(real("quorum_status_mon_down"))
+    assert down.out == ("c",)
+    v, mons = ceph_gate.mon_gate(down, "m720q-1", daemons)
+    assert not v.ok and mons == ("a",) and "mon(s) c out of quorum (quorum a,b of a,b,c)" in v.reason
+    ok, mons = ceph_gate.mon_gate(ceph_gate.parse_quorum_status(real("quorum_status_ok")), "m720q-2", daemons)
+    assert ok.ok and mons == ("b",)
+
+
+def test_clean_gate_refuses_a_muted_mon_down() -> None:
+    st = ceph_gate.parse_status(real("status_mon_down_muted"))
+    assert st.health.status == "HEALTH_OK" and st.quorum_names == ("a", "b") and st.num_mons == 3
+    v = ceph_gate.cluster_clean(st)
+    assert not v.ok and "only 2 of 3 mons in quorum (a,b)" in v.reason
+
+
+def test_mon_ok_to_stop_answers_are_the_real_texts() -> None:
+    ok = ceph_gate.parse_mon_ok_to_stop(0, REAL["mon_ok_to_stop_ok"]["stderr"], ["b"])
+    assert ok.ok and "quorum should be preserved (a,c) after stopping [b]" in ok.reason
+    no = ceph_gate.parse_mon_ok_to_stop(16, REAL["mon_ok_to_stop_ebusy"]["stderr"], ["a"])
+    assert not no.ok and "not enough monitors would be available (b) after stopping mons [a]" in no.reason
+    with pytest.raises(CephParseError):
+        ceph_gate.parse_mon_ok_to_stop(2, "Error ENOENT", ["a"])
+
+
+def test_mgr_gate_needs_an_active_mgr_and_a_standby_for_the_active_ones_node() -> None:
+    daemons = ceph_gate.parse_node_ls(real("node_ls"))
+    stat = ceph_gate.parse_mgr_stat(real("mgr_stat"))
+    assert stat == ceph_gate.MgrStat(available=True, active="a", num_standby=1)
+    assert ceph_gate.mgr_gate(stat, "m720q-1", daemons).ok
+    alone = ceph_gate.MgrStat(available=True, active="a", num_standby=0)
+    assert not ceph_gate.mgr_gate(alone, "m720q-1", daemons).ok
+    assert ceph_gate.mgr_gate(alone, "m720q-2", daemons).ok  # the node's mgr is not the active one
+    v = ceph_gate.mgr_gate(ceph_gate.MgrStat(available=False, active=None, num_standby=1), "m720q-3.lan", daemons)
+    assert not v.ok and "no active mgr" in v.reason
+
+
+def test_pg_stat_of_a_new_mgr_without_reports_is_not_clean() -> None:
+    unknown = ceph_gate.parse_pg_stat({"pg_ready": False, "pg_summary": {
+        "num_pg_by_state": [{"name": "unknown", "num": 17}], "num_pgs": 17}})
+    st = ceph_gate.parse_status(real("status_ok"))
+    assert ceph_gate.cluster_clean(st).ok  # the mon's digest says clean ...
+    v = ceph_gate.cluster_clean(st, pgs=unknown)  # ... the active mgr does not know yet
+    assert not v.ok and "knows no PG state yet" in v.reason
+
+
+def owner(**kw: str) -> str:
+    return ceph_gate.NooutOwner(**{"flow": "talos-upgrade", "flow_run_id": "run-1", "cluster": "m720q",
+                                   "node": "m720q-2", "set_at": "2025-01-01T00:00:00+00:00", **kw}).to_json()
+
+
+@pytest.mark.parametrize(("record", "own", "words"), [
+    (owner(), True, "noout is this flow's own: set by talos-upgrade run run-1 on cluster m720q before m720q-2"),
+    (owner(cluster="homelab"), False, "it was set by talos-upgrade run run-1 on cluster homelab"),
+    (owner(flow="kubernetes-upgrade"), False, "it was set by kubernetes-upgrade run run-1"),
+    (None, False, "nobody recorded setting it (no `ceph config-key get homelab/noout-owner`)"),
+    ("maintenance by alice", False, "homelab/noout-owner holds something else: 'maintenance by alice'"),
+])
+def test_noout_is_own_only_when_its_record_names_this_flow_and_cluster(record, own, words) -> None:
+    v, is_own = ceph_gate.noout_verdict(frozenset({"noout", "sortbitwise"}), record, "talos-upgrade", "m720q")
+    assert (v.ok, is_own) == (own, own) and words in v.reason
+    assert ceph_gate.noout_verdict(frozenset({"sortbitwise"}), owner(), "talos-upgrade", "m720q") == (
+        Verdict(True, "noout is not set"), False)
+
+
+# ---- the CLI wrapper against a stateful fake `ceph` -------------------------------------------
+
+FAKE_CEPH = r'''#!{python}
+"""A `ceph` stand-in with state in files beside it: flags, config-keys, and scripted ok-to-stop replies."""
+import json, pathlib, sys
+here = pathlib.Path(sys.argv[0]).parent
+args = [a for a in sys.argv[1:] if a not in ("-f", "json")]
+while args and args[0] == "--connect-timeout":
+    args = args[2:]
+state = json.loads((here / "state.json").read_text())
+real = json.loads(pathlib.Path({samples!r}).read_text())
+def reply(name):
+    r = real[name]
+    sys.stdout.write(r["stdout"]); sys.stderr.write(r["stderr"]); sys.exit(r["rc"])
+def save():
+    (here / "state.json").write_text(json.dumps(state))
+cmd = " ".join(args[:2])
+if cmd in ("osd set", "osd unset"):
+    flags = set(state["flags"]); (flags.add if args[1] == "set" else flags.discard)(args[2])
+    state["flags"] = sorted(flags); save(); sys.stderr.write(args[2] + " is " + args[1] + "\n")
+elif cmd == "osd dump":
+    print(json.dumps({{"flags": ",".join(state["flags"] + ["sortbitwise"])}}))
+elif args[:2] == ["config-key", "get"]:
+    if args[2] not in state["keys"]:
+        sys.stderr.write("Error ENOENT: \n"); sys.exit(2)
+    sys.stdout.write(state["keys"][args[2]])
+elif args[:2] == ["config-key", "set"]:
+    if not state.get("keys_broken"):
+        state["keys"][args[2]] = args[3]; save()
+    sys.stderr.write("set " + args[2] + "\n")
+elif args[:2] == ["config-key", "rm"]:
+    if not state.get("rm_broken"):
+        state["keys"].pop(args[2], None); save()
+    sys.stderr.write("key deleted\n")
+elif cmd == "osd ok-to-stop":
+    script = state["ok_to_stop"]
+    state["ok_to_stop"] = script[1:] or script; save(); reply(script[0])
+elif cmd == "quorum_status":
+    reply("quorum_status_ok")
+elif cmd == "mgr stat":
+    reply("mgr_stat")
+elif cmd == "node ls":
+    reply("node_ls")
+elif cmd == "osd tree":
+    reply("osd_tree_fqdn")
+elif cmd == "mon ok-to-stop":
+    reply("mon_ok_to_stop_ok")
+else:
+    sys.stderr.write("unexpected: " + " ".join(args) + "\n"); sys.exit(22)
+'''
+
+
+def stateful_ceph(tmp_path: Path, **state: object) -> CephCli:
+    import sys
+
+    exe = tmp_path / "ceph"
+    exe.write_text(FAKE_CEPH.format(python=sys.executable, samples=str(Path(__file__).parent / "data" / "ceph-16.2.15.json")))
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    (tmp_path / "state.json").write_text(json.dumps({"flags": [], "keys": {}, "ok_to_stop": ["ok_to_stop_ok"], **state}))
+    return CephCli([str(exe)], {}, timeout_s=10)
+
+
+def saved(tmp_path: Path) -> dict:
+    return json.loads((tmp_path / "state.json").read_text())
+
+
+def test_node_gate_asks_again_after_eagain_and_opens(tmp_path: Path) -> None:
+    cli = stateful_ceph(tmp_path, ok_to_stop=["ok_to_stop_eagain", "ok_to_stop_eagain", "ok_to_stop_ok"])
+    waits: list[Verdict] = []
+    gate = cli.node_gate("m720q-1", LABELS, time.monotonic() + 30, interval_s=0.01, on_wait=waits.append)
+    assert gate.ok and gate.waited == 2 and gate.osds == (0,) and gate.mons == ("a",)
+    assert all("unknown state" in w.reason for w in waits)
+    assert [v.reason.split(":")[0] for v in gate.checks][-2:] == ["Ceph says mon(s) a may stop",
+                                                                  "Ceph says m720q-1's OSDs [0] are ok to stop; 17 PGs will be degraded meanwhile"]
+
+
+def test_node_gate_gives_up_at_the_deadline_naming_the_unknown_pgs(tmp_path: Path) -> None:
+    cli = stateful_ceph(tmp_path, ok_to_stop=["ok_to_stop_eagain"])
+    with pytest.raises(CephWaitTimeout, match="17 PGs have unknown state"):
+        cli.node_gate("m720q-1", LABELS, time.monotonic() + 0.5, interval_s=0.05)
+
+
+def test_node_gate_refuses_ebusy_at_once(tmp_path: Path) -> None:
+    cli = stateful_ceph(tmp_path, ok_to_stop=["ok_to_stop_ebusy_one_down", "ok_to_stop_ok"])
+    gate = cli.node_gate("m720q-2", LABELS, time.monotonic() + 30, interval_s=0.01)
+    assert not gate.ok and gate.waited == 0 and "would become inactive" in gate.reason
+
+
+def test_set_noout_records_its_owner_and_unset_removes_both(tmp_path: Path) -> None:
+    cli = stateful_ceph(tmp_path)
+    me = ceph_gate.NooutOwner("talos-upgrade", "run-1", "m720q", "m720q-1", "2025-01-01T00:00:00+00:00")
+    cli.set_noout(me)
+    assert "noout" in saved(tmp_path)["flags"]
+    assert ceph_gate.parse_noout_owner(saved(tmp_path)["keys"][ceph_gate.NOOUT_OWNER_KEY]) == me
+    # The next run of the same flow takes it over, recording itself.
+    cli.set_noout(ceph_gate.NooutOwner("talos-upgrade", "run-2", "m720q", "m720q-2"))
+    assert '"run-2"' in saved(tmp_path)["keys"][ceph_gate.NOOUT_OWNER_KEY]
+    cli.unset_noout()
+    assert saved(tmp_path)["flags"] == [] and saved(tmp_path)["keys"] == {}
+
+
+def test_set_noout_does_not_take_over_someone_elses(tmp_path: Path) -> None:
+    cli = stateful_ceph(tmp_path, flags=["noout"])
+    with pytest.raises(CephFlagError, match="noout is set, but not by talos-upgrade on m720q: nobody recorded"):
+        cli.set_noout(ceph_gate.NooutOwner("talos-upgrade", "run-1", "m720q"))
+    assert saved(tmp_path)["flags"] == ["noout"] and saved(tmp_path)["keys"] == {}
+
+
+def test_set_noout_that_cannot_be_recorded_is_taken_back(tmp_path: Path) -> None:
+    cli = stateful_ceph(tmp_path, keys_broken=True)
+    with pytest.raises(CephFlagError, match="noout was unset again"):
+        cli.set_noout(ceph_gate.NooutOwner("talos-upgrade", "run-1", "m720q"))
+    assert saved(tmp_path)["flags"] == []
+
+
+def test_unset_noout_whose_record_stays_behind_raises_naming_it(tmp_path: Path) -> None:
+    cli = stateful_ceph(tmp_path, rm_broken=True)
+    cli.set_noout(ceph_gate.NooutOwner("talos-upgrade", "run-1", "m720q"))
+    with pytest.raises(CephFlagError, match="noout is unset, but its owner record homelab/noout-owner is still"):
+        cli.unset_noout()
+    assert saved(tmp_path)["flags"] == []

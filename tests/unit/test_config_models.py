@@ -82,3 +82,59 @@ def test_bundled_tree_models() -> None:
     assert homelab.proxmox is not None and homelab.proxmox.control_planes()
     with pytest.raises(ConfigError):
         tree.cluster("nope")
+
+
+# --- the one YAML loader of tree files (homelab.safeyaml) ---------------------------------------------------
+
+
+def laughs(levels: int, fanout: int = 10) -> str:
+    """A "billion laughs" document: each level an anchored list of `fanout` aliases of the one below."""
+    out = [f"l0: &l0 [{', '.join(['lol'] * fanout)}]"]
+    out += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * fanout)}]" for i in range(1, levels + 1)]
+    return "\n".join(out) + "\n"
+
+
+def test_alias_expansion_is_bounded_by_go_yamls_rule() -> None:
+    from homelab.safeyaml import YamlRefused, allowed_alias_ratio, load_all
+
+    assert load_all(laughs(2))  # ~100 alias-driven nodes: under go-yaml's floor of 100 aliases + 1,000 nodes
+    with pytest.raises(YamlRefused, match="aliases expand the document too much"):
+        load_all(laughs(4))  # 11,110 of 11,130 decoded nodes from aliases: over 99%
+    assert allowed_alias_ratio(400_000) == 0.99 and allowed_alias_ratio(4_000_000) == 0.10
+    assert 0.10 < allowed_alias_ratio(2_200_000) < 0.99
+
+
+def test_billion_laughs_is_refused_after_a_few_thousand_nodes() -> None:
+    import time
+
+    from homelab.safeyaml import YamlRefused, load_all
+
+    started = time.monotonic()
+    with pytest.raises(YamlRefused) as refused:
+        load_all(laughs(9))
+    assert time.monotonic() - started < 1
+    assert "of the first" in refused.value.message
+
+
+def test_merge_keys_may_override_and_are_no_duplicates() -> None:
+    from homelab.safeyaml import YamlRefused, load_all
+
+    assert load_all("base: &b {x: 1, y: 2}\nnode:\n  <<: *b\n  x: 3\n") == [{"base": {"x": 1, "y": 2},
+                                                                              "node": {"x": 3, "y": 2}}]
+    with pytest.raises(YamlRefused, match="duplicate key"):
+        load_all("a: 1\n'a': 2\n")  # go-yaml compares the key's text: quoted or not, one key
+
+
+def test_later_documents_name_their_index() -> None:
+    from homelab.safeyaml import YamlRefused, load_all
+
+    with pytest.raises(YamlRefused) as refused:
+        load_all("a: 1\n---\nb: {c: 1, c: 2}\n")
+    assert refused.value.field == "[1].b.c"
+
+
+def test_git_push_counts_a_refused_kustomization_as_applying_its_whole_directory() -> None:
+    from homelab import git_push as gp
+
+    cov = gp.coverage("apps/x", {"apps/x": laughs(9)}, ["apps/x/kustomization.yaml", "apps/x/a.yaml"])
+    assert cov.covers("apps/x/a.yaml") and cov.dirs == {"apps/x"}

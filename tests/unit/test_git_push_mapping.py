@@ -84,6 +84,18 @@ def test_kubernetes_version_change_starts_kubernetes_upgrade_never_unapproved() 
     assert all(s.parameters["require_approval"] is True for s in starts)
 
 
+def test_both_versions_changed_start_one_cluster_upgrade_talos_first_never_unapproved() -> None:
+    starts = gp.version_starts("m720q", ("v1.11.4", "v1.32.0"), ("v1.11.5", "v1.33.0"), "t.yaml")
+    assert [(s.deployment, s.parameters) for s in starts] == [
+        ("cluster-upgrade/cluster-upgrade", {"cluster": "m720q", "require_approval": True})]
+    assert starts[0].reason == "t.yaml: talosVersion v1.11.4 -> v1.11.5, then kubernetesVersion v1.32.0 -> v1.33.0"
+
+
+def test_a_new_talconfig_starts_one_cluster_upgrade() -> None:
+    [start] = gp.version_starts("homelab", None, ("v1.11.5", "v1.33.0"), "t.yaml")
+    assert start.deployment == "cluster-upgrade/cluster-upgrade" and start.parameters["require_approval"] is True
+
+
 def test_unchanged_versions_start_nothing() -> None:
     assert gp.version_starts("m720q", ("v1.11.5", "v1.32.0"), ("v1.11.5", "v1.32.0"), "t.yaml") == []
 

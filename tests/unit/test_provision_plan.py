@@ -12,14 +12,22 @@ from homelab.config import ProxmoxCluster, load_cluster_yaml
 from homelab.provision import (
     GIB,
     Action,
+    ClusterView,
     ObservedVM,
+    PveNode,
     apply_config_argv,
     config_updates,
     effective_config,
     gen_config_argv,
+    maintenance_ip,
+    missing_privileges,
+    owner_marker,
+    parse_service_state,
     plan_provision,
     render_plan_table,
+    required_privileges,
     vm_patch,
+    with_mac_and_bridge,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +42,9 @@ def cfg() -> ProxmoxCluster:
 def template(cfg: ProxmoxCluster) -> ObservedVM:
     t = cfg.proxmox.template
     return ObservedVM(vmid=t.vmid, name=t.name, node=cfg.proxmox.node, status="stopped", template=True,
-                      cores=2, memory_mib=2048, disk_key="scsi0", disk_bytes=8 * GIB, tags=("talos",))
+                      cores=2, memory_mib=2048, disk_key="scsi0", disk_bytes=8 * GIB, tags=("talos",),
+                      cdrom_keys=("ide2",), boot=("scsi0", "ide2", "net0"),
+                      net0="virtio=BC:24:11:00:90:00,bridge=vmbr0,firewall=1,tag=42")
 
 
 def as_built(cfg: ProxmoxCluster, **overrides: object) -> list[ObservedVM]:
@@ -43,7 +53,9 @@ def as_built(cfg: ProxmoxCluster, **overrides: object) -> list[ObservedVM]:
     for i, vm in enumerate(cfg.vms):
         seen = ObservedVM(vmid=vm.vmid, name=vm.name, node=cfg.proxmox.node, status="running", cores=vm.cores,
                           memory_mib=vm.memory, disk_key="scsi0", disk_volume=f"local-lvm:vm-{vm.vmid}-disk-0",
-                          disk_bytes=vm.disk * GIB, mac=vm.mac, bridge=cfg.proxmox.bridge, tags=tuple(vm.tags))
+                          disk_bytes=vm.disk * GIB, mac=vm.mac, bridge=cfg.proxmox.bridge, tags=tuple(vm.tags),
+                          description=owner_marker(cfg.cluster.name), cpu=cfg.proxmox.cpu, onboot=True, agent=True,
+                          net0=f"virtio={vm.mac},bridge={cfg.proxmox.bridge},firewall=1,tag=42")
         vms.append(dataclasses.replace(seen, **overrides) if i == 0 else seen)  # type: ignore[arg-type]
     return vms
 
@@ -77,8 +89,9 @@ def test_disk_grow_cores_bridge_mac_tags_are_each_listed(cfg: ProxmoxCluster) ->
     assert {c.field: (c.current, c.desired) for c in vm.changes} == {
         "cores": ("2", "4"), "disk": ("32 GiB", "64 GiB"), "bridge": ("vmbr1", "vmbr0"),
         "mac": ("BC:24:11:AA:BB:CC", "BC:24:11:00:01:61"), "tags": ("talos", "controlplane;homelab;talos")}
-    assert config_updates(cfg, cfg.vms[0], vm) == {
-        "cores": "4", "net0": "virtio=BC:24:11:00:01:61,bridge=vmbr0", "tags": "controlplane;homelab;talos"}
+    assert config_updates(cfg, cfg.vms[0], vm, as_built(cfg, bridge="vmbr1", mac="BC:24:11:AA:BB:CC")[1]) == {
+        "cores": "4", "net0": "virtio=BC:24:11:00:01:61,bridge=vmbr0,firewall=1,tag=42",
+        "tags": "controlplane;homelab;talos"}
 
 
 def test_disk_shrink_is_refused_naming_vm_sizes_and_next_step(cfg: ProxmoxCluster) -> None:
@@ -92,9 +105,11 @@ def test_disk_shrink_is_refused_naming_vm_sizes_and_next_step(cfg: ProxmoxCluste
 
 
 def test_extra_vm_of_the_cluster_is_unmanaged_and_never_applied(cfg: ProxmoxCluster) -> None:
-    extra = ObservedVM(vmid=299, name="homelab-worker-9", node="pve", status="running", tags=("talos",))
-    tagged = ObservedVM(vmid=298, name="scratch", node="pve", status="stopped", tags=("homelab",))
-    foreign = ObservedVM(vmid=300, name="pihole", node="pve", status="running", tags=("dns",))
+    extra = ObservedVM(vmid=299, name="homelab-worker-9", node="pve", status="running", tags=("talos",),
+                       description=owner_marker("homelab"))
+    tagged = ObservedVM(vmid=298, name="scratch", node="pve", status="stopped", tags=("homelab",),
+                        description="notes\n" + owner_marker("homelab"))
+    foreign = ObservedVM(vmid=300, name="homelab-nas", node="pve", status="running", tags=("homelab",))
     plan = plan_provision(cfg, [*as_built(cfg), extra, tagged, foreign])
     unmanaged = [(v.vmid, v.action) for v in plan.vms if v.action == Action.UNMANAGED]
     assert unmanaged == [(298, Action.UNMANAGED), (299, Action.UNMANAGED)]
@@ -112,12 +127,22 @@ def test_vmid_taken_by_a_foreign_vm_is_refused(cfg: ProxmoxCluster) -> None:
     other = ObservedVM(vmid=cfg.vms[0].vmid, name="pihole", node="pve", status="running", tags=("dns",))
     plan = plan_provision(cfg, [template(cfg), other])
     assert plan.vm(cfg.vms[0].name).action == Action.REFUSED  # type: ignore[union-attr]
-    assert "VM 201 is taken by 'pihole'" in plan.refusals[0]
+    assert "VM 201 on pve is taken by 'pihole', which is not this cluster's" in plan.refusals[0]
 
 
-def test_missing_template_refuses_creation(cfg: ProxmoxCluster) -> None:
+def test_missing_template_is_planned_from_the_image_factory_iso(cfg: ProxmoxCluster) -> None:
     plan = plan_provision(cfg, [])
-    assert plan.refused and "template VM 9000" in plan.refusals[0]
+    assert not plan.refused and plan.template is not None
+    assert plan.template.url == ("https://factory.talos.dev/image/ce4c980550dd2ab1b17bbf2b08801c7eb59418eafe8f279833297925d67c7515"
+                                 "/v1.11.5/nocloud-amd64.iso")
+    refused = plan_provision(cfg, [], ClusterView(iso_storages=frozenset({"nas-iso"})))
+    assert "storage 'local' on pve does not take ISO images" in refused.refusals[0]
+
+
+def test_template_without_a_cdrom_is_refused_naming_the_fix(cfg: ProxmoxCluster) -> None:
+    import dataclasses as dc
+    plan = plan_provision(cfg, [dc.replace(template(cfg), cdrom_keys=(), boot=("scsi0",))])
+    assert "has no CD-ROM with the Talos ISO" in plan.refusals[0] and "qm set 9000 --ide2" in plan.refusals[0]
 
 
 def test_plan_table_rows_spell_out_changes(cfg: ProxmoxCluster) -> None:
@@ -168,16 +193,18 @@ def test_parses_real_pve8_cluster_resources() -> None:
 
 def test_gen_config_argv_carries_versions_installer_and_patches(cfg: ProxmoxCluster) -> None:
     argv = gen_config_argv(cfg, "out", secrets_file="secrets.yaml", patches=["talos/patches/cluster.yaml"])
-    assert argv[:5] == ["talosctl", "gen", "config", "homelab", "https://10.42.0.161:6443"]
-    flags = {a: argv[i + 1] for i, a in enumerate(argv[:-1]) if a.startswith("--")}
+    assert argv[:3] == ["talosctl", "gen", "config"]
+    assert argv[-3:] == ["--", "homelab", "https://10.42.0.161:6443"]  # positionals after `--`
+    flags = {a: argv[i + 1] for i, a in enumerate(argv[:-3]) if a.startswith("--")}
     assert flags["--kubernetes-version"] == "1.32.0" and flags["--talos-version"] == "v1.11"
     assert flags["--install-image"].startswith("factory.talos.dev/installer/")
     assert flags["--install-image"].endswith(":v1.11.5")
     assert flags["--with-secrets"] == "secrets.yaml"
-    assert argv[-2:] == ["--config-patch", "@talos/patches/cluster.yaml"]
+    assert argv[-5:-3] == ["--config-patch", "@talos/patches/cluster.yaml"]
 
 
 def test_vm_patch_sets_hostname_static_address_gateway_and_dns(cfg: ProxmoxCluster) -> None:
+    assert vm_patch(cfg, cfg.vms[0], "/dev/vda")["machine"]["install"] == {"disk": "/dev/vda"}
     net = vm_patch(cfg, cfg.vms[0])["machine"]["network"]
     assert net["hostname"] == "homelab-cp-1" and net["nameservers"] == ["10.42.0.1"]
     (iface,) = net["interfaces"]
@@ -191,3 +218,74 @@ def test_apply_config_argv_targets_the_vm_maintenance_api_with_its_role(cfg: Pro
     assert apply_config_argv(worker, "cfg", "cfg/homelab-worker-1.patch.yaml") == [
         "talosctl", "apply-config", "--nodes", "10.42.0.171", "--file", "cfg/worker.yaml",
         "--config-patch", "@cfg/homelab-worker-1.patch.yaml", "--insecure"]
+
+
+# --- ownership, placement, privileges, net0, maintenance address ------------------------------
+
+
+def test_foreign_vm_named_like_the_cluster_is_refused_not_updated(cfg: ProxmoxCluster) -> None:
+    nas = dataclasses.replace(as_built(cfg)[1], name="homelab-nas", description="my NAS")
+    plan = plan_provision(cfg, [template(cfg), nas, as_built(cfg)[2]])
+    vm = plan.vm("homelab-cp-1")
+    assert vm is not None and vm.action == Action.REFUSED and not vm.changes
+    assert "'homelab-flows: cluster=homelab'" in plan.refusals[0]
+
+
+def test_half_cloned_vm_gets_the_unlock_then_destroy_advice(cfg: ProxmoxCluster) -> None:
+    half = ObservedVM.from_api({"vmid": 201, "node": "pve", "status": "stopped"}, {"lock": "clone"})
+    assert half.half_cloned and not half.named
+    plan = plan_provision(cfg, [template(cfg), half])
+    assert "a clone is in progress or failed; wait for it, or `qm unlock 201` then `qm destroy 201`" in plan.refusals[0]
+
+
+def test_net0_keeps_every_option_but_mac_and_bridge() -> None:
+    assert with_mac_and_bridge("virtio=BC:24:11:00:90:00,bridge=vmbr0,firewall=1,tag=42,mtu=1500,queues=4",
+                               "bc:24:11:00:01:61", "vmbr1") == \
+        "virtio=BC:24:11:00:01:61,bridge=vmbr1,firewall=1,tag=42,mtu=1500,queues=4"
+    assert with_mac_and_bridge("model=e1000,macaddr=AA:AA:AA:AA:AA:AA,bridge=vmbr0,tag=7", "BC:24:11:00:01:61",
+                               "vmbr0") == "model=e1000,macaddr=BC:24:11:00:01:61,bridge=vmbr0,tag=7"
+    assert with_mac_and_bridge(None, "BC:24:11:00:01:61", "vmbr0") == "virtio=BC:24:11:00:01:61,bridge=vmbr0"
+
+
+def test_control_planes_spread_over_nodes_by_count_then_free_memory(cfg: ProxmoxCluster) -> None:
+    two = cfg.model_copy(deep=True)
+    two.vms.append(two.vms[0].model_copy(update={"name": "homelab-cp-2", "vmid": 202, "ip": "10.42.0.162",
+                                                 "mac": "BC:24:11:00:01:62"}))
+    nodes = (PveNode("pve", True, 40 * GIB, 64 * GIB), PveNode("pve2", True, 8 * GIB, 64 * GIB))
+    view = ClusterView(nodes, shared_storages=frozenset({"local-lvm"}))
+    tpl = dataclasses.replace(template(two), disk_volume="local-lvm:base-9000-disk-0")
+    plan = plan_provision(two, [tpl], view)
+    placed = {v.name: v.node for v in plan.vms}
+    assert placed["homelab-cp-1"] == "pve2"  # most free memory first
+    assert placed["homelab-cp-2"] == "pve"   # then the node without a control plane
+    local = plan_provision(two, [dataclasses.replace(tpl, disk_volume="local:base-9000-disk-0")],
+                           ClusterView(nodes, shared_storages=frozenset()))
+    assert {v.node for v in local.vms} == {"pve"} and "not shared" in local.notes[0]
+
+
+def test_missing_sdn_use_is_named_with_its_path(cfg: ProxmoxCluster) -> None:
+    required = required_privileges(cfg, make_template=False)
+    held = {path: {p for p, _ in needs} for path, needs in required.items()}
+    held["/sdn/zones/localnetwork/vmbr0"] = set()
+    (missing,) = missing_privileges(required, held)
+    assert missing.startswith("SDN.Use on /sdn/zones/localnetwork/vmbr0")
+    plan = plan_provision(cfg, [template(cfg)], ClusterView(missing_privileges=(missing,)))
+    assert plan.refused and "lacks SDN.Use on /sdn/zones/localnetwork/vmbr0" in plan.refusals[0]
+
+
+def test_maintenance_address_is_the_ipv4_on_the_vms_mac() -> None:
+    ifaces = [{"name": "lo", "hardware-address": "00:00:00:00:00:00",
+               "ip-addresses": [{"ip-address": "127.0.0.1", "ip-address-type": "ipv4"}]},
+              {"name": "eth0", "hardware-address": "bc:24:11:00:01:61",
+               "ip-addresses": [{"ip-address": "fe80::1", "ip-address-type": "ipv6"},
+                                {"ip-address": "169.254.3.3", "ip-address-type": "ipv4"},
+                                {"ip-address": "10.42.0.203", "ip-address-type": "ipv4"}]}]
+    assert maintenance_ip(ifaces, "BC:24:11:00:01:61") == "10.42.0.203"
+    assert maintenance_ip(ifaces, "BC:24:11:00:01:71") is None
+
+
+def test_service_state_is_read_from_talosctls_layout() -> None:
+    text = Path("/work/shared/realworld/talos/siderolabs__talos__docs-v1.11-service-etcd-preparing.txt")
+    sample = text.read_text() if text.is_file() else "NODE     172.20.0.2\nID       etcd\nSTATE    Preparing\n"
+    assert parse_service_state(sample) == "Preparing"
+    assert parse_service_state("ID   etcd\nSTATE   Running\nHEALTH   OK\n") == "Running"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -181,3 +182,133 @@ def test_bad_talconfig_file_gives_problem_lines(tree: Path, content: str, expect
 def test_missing_talconfig_and_cluster_yaml(tree: Path) -> None:
     (tree / TALCONFIG).unlink()
     assert any(line.startswith("k8s/clusters/m720q: ") for line in lines(tree))
+
+
+# --- hostile files: what a push can put into the tree -----------------------------------------------------
+
+BILLION_LAUGHS = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{','.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8))
+
+
+def run_validate(tree: Path, timeout: float = 60) -> tuple[int, str, str, float]:
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-m", "homelab", "validate", str(tree)], capture_output=True, text=True,
+                         timeout=timeout)
+    return out.returncode, out.stdout, out.stderr, time.monotonic() - started
+
+
+def test_billion_laughs_talconfig_is_refused_fast_with_a_line(tree: Path) -> None:
+    (tree / TALCONFIG).write_text((tree / TALCONFIG).read_text() + "\n" + BILLION_LAUGHS.replace("a:", "zz:", 1))
+    code, stdout, stderr, seconds = run_validate(tree)
+    assert code == 1 and "Traceback" not in stdout + stderr
+    [line] = [x for x in stdout.splitlines() if "alias" in x]
+    assert line.startswith(f"{tree}/{TALCONFIG}: ") and "aliases expand the document too much" in line
+    assert seconds < 30  # a whole validate run; the bomb itself is refused after a few thousand nodes
+
+
+def test_billion_laughs_in_a_base_manifest_is_refused_fast(tree: Path) -> None:
+    path = tree / "apps/base/smokeping/configmap.yaml"
+    path.write_text(path.read_text() + "\n---\n" + BILLION_LAUGHS)
+    started = time.monotonic()
+    found = [x for x in lines(tree) if "apps/base/smokeping/configmap.yaml" in x]
+    assert any("aliases expand the document too much" in x and x.startswith("k8s/apps/base/smokeping/configmap.yaml: [1]")
+               for x in found), found
+    assert time.monotonic() - started < 30
+
+
+def test_talconfig_anchors_and_aliases_of_real_files_still_load(tree: Path) -> None:
+    text = (tree / TALCONFIG).read_text().replace("additionalApiServerCertSans:", "additionalApiServerCertSans: &sans", 1)
+    (tree / TALCONFIG).write_text(text + "additionalMachineCertSans: *sans\n")
+    assert lines(tree) == []
+
+
+def test_duplicate_key_is_refused_like_talhelper_does(tree: Path) -> None:
+    text = (tree / TALCONFIG).read_text()
+    (tree / TALCONFIG).write_text(text.replace("talosVersion: v1.11.5\n", "talosVersion: v1.11.5\ntalosVersion: v1.12.0\n"))
+    code, stdout, _, _ = run_validate(tree)
+    assert code == 1
+    assert f"{tree}/{TALCONFIG}: talosVersion: duplicate key (line 6, first on line 5)" in stdout
+
+
+def test_duplicate_key_in_a_nested_mapping_names_its_path(tree: Path) -> None:
+    text = (tree / TALCONFIG).read_text()
+    (tree / TALCONFIG).write_text(text.replace("    controlPlane: true\n", "    controlPlane: true\n    controlPlane: false\n", 1))
+    assert any(x.startswith(f"k8s/{TALCONFIG}: nodes[0].controlPlane: duplicate key") for x in lines(tree))
+
+
+def test_oversized_file_is_refused_unread(tree: Path) -> None:
+    from homelab import safeyaml
+
+    path = tree / "apps/base/smokeping/huge.yaml"
+    with path.open("w") as f:
+        f.write("a: ")
+        f.write("x" * (safeyaml.MAX_FILE_BYTES + 1))
+    started = time.monotonic()
+    found = [x for x in lines(tree) if "huge.yaml" in x]
+    assert found == [f"k8s/apps/base/smokeping/huge.yaml: (file): the file is {safeyaml.MAX_FILE_BYTES + 4} bytes, "
+                     f"over the {safeyaml.MAX_FILE_BYTES}-byte limit for one YAML file of the tree; split it, or keep "
+                     "generated bundles out of the tree"]
+    assert time.monotonic() - started < 30
+
+
+def test_recursive_alias_is_refused(tree: Path) -> None:
+    path = tree / "apps/base/smokeping/loop.yaml"
+    path.write_text("a: &x\n  - *x\n")
+    assert any(x.startswith("k8s/apps/base/smokeping/loop.yaml: a[0]: ") and "recursive anchor" in x for x in lines(tree))
+
+
+# --- values that reach argv are refused where they enter ----------------------------------------------------
+
+ARGUMENT_CASES = [
+    ("ipAddress with a scope id", lambda d: d[0]["nodes"][0].update(ipAddress="fe80::1%$(reboot);id|x`y`"),
+     "nodes[0].ipAddress", "scope id"),
+    ("cluster named like an option", lambda d: d[0].update(clusterName="--talosconfig=.."),
+     "clusterName", "not a valid cluster name"),
+    ("hostname with a shell word", lambda d: d[0]["nodes"][1].update(hostname="m720q-2;reboot"),
+     "nodes[1].hostname", "not a valid hostname"),
+    ("hostname like an option", lambda d: d[0]["nodes"][1].update(hostname="-n"),
+     "nodes[1].hostname", "not a valid hostname"),
+    ("endpoint with a command", lambda d: d[0].update(endpoint="https://$(reboot):6443"),
+     "endpoint", "not an API endpoint"),
+    ("version with a suffix", lambda d: d[0].update(talosVersion="v1.11.5-$(id)"), "talosVersion", "not a version"),
+    ("installer URL with a space", lambda d: d[0]["nodes"][0].update(talosImageURL="ghcr.io/x --insecure"),
+     "nodes[0].talosImageURL", "not an image repository"),
+    # From clusters/m720q/talos/, ../../../ is the tree's root: one more level leaves it.
+    ("patch climbing out of the tree", lambda d: d[0]["nodes"][0].update(patches=["@../../../../../../../etc/passwd"]),
+     "nodes[0].patches[0]", "outside the tree"),
+    ("patch by absolute path", lambda d: d[0].update(patches=["@/etc/passwd"]), "patches[0]", "outside the tree"),
+]
+
+
+@pytest.mark.parametrize(("mutate", "field", "message"), [c[1:] for c in ARGUMENT_CASES],
+                         ids=[c[0] for c in ARGUMENT_CASES])
+def test_argument_values_are_refused_at_validation(tree: Path, mutate: Callable[[list], None], field: str,
+                                                   message: str) -> None:
+    edit_yaml(tree / TALCONFIG, mutate)
+    found = [x for x in lines(tree) if x.startswith(f"k8s/{TALCONFIG}: {field}: ")]
+    assert any(message in x for x in found), lines(tree)
+
+
+def test_cluster_yaml_argument_values_are_refused(tree: Path) -> None:
+    path = tree / "clusters/homelab/cluster.yaml"
+
+    def poison(docs: list) -> None:
+        docs[0]["cluster"]["name"] = "--talosconfig=.."
+        docs[0]["vms"][0]["ip"] = "fe80::1%eth0"
+        docs[0]["proxmox"]["endpoint"] = "https://pve.lan:8006/;rm"
+
+    edit_yaml(path, poison)
+    found = [x for x in lines(tree) if x.startswith("k8s/clusters/homelab/cluster.yaml: ")]
+    assert any(x.startswith("k8s/clusters/homelab/cluster.yaml: cluster.name: ") and "cluster name" in x for x in found)
+    assert any(x.startswith("k8s/clusters/homelab/cluster.yaml: vms[0].ip: ") and "scope id" in x for x in found)
+    assert any(x.startswith("k8s/clusters/homelab/cluster.yaml: proxmox.endpoint: ") for x in found)
+
+
+def test_patch_through_a_symlink_out_of_the_tree_is_refused(tree: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.yaml"
+    outside.write_text("machine: {}\n")
+    link = tree / "clusters/m720q/talos/patches/evil.yaml"
+    link.symlink_to(outside)
+    edit_yaml(tree / TALCONFIG, lambda d: d[0]["nodes"][0].update(patches=["@./patches/evil.yaml"]))
+    assert any(x.startswith(f"k8s/{TALCONFIG}: nodes[0].patches[0]: patch file ./patches/evil.yaml is outside the tree")
+               for x in lines(tree))

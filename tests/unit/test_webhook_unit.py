@@ -1,4 +1,5 @@
-"""The webhook receiver's checks, their order, and the event it emits, against a recording event sink."""
+"""The webhook receiver's checks, their order, and the event it emits, against a recording event sink;
+the replay store across restarts; the events relay; the repository allow-list."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from typing import Any
 
 import httpx
 import pytest
-from prefect.settings import PREFECT_API_URL, temporary_settings
 
 with warnings.catch_warnings():
     # Starlette 1.x prefers httpx2 for its test client; httpx is what is installed and works.
@@ -26,10 +26,14 @@ from deployments.webhook import (
     EventSinkRejected,
     EventSinkUnavailable,
     PrefectEvents,
+    SeenStore,
+    check_relayed_event,
     create_app,
-    parse_push,
+    create_relay_app,
+    parse_push_json,
     sign,
 )
+from homelab.git_push import RepositoryRefused, allowed_repositories, repository_refusal
 
 SECRET = "It's a Secret to Everybody"
 KEY = SECRET.encode()
@@ -61,9 +65,17 @@ def sink() -> RecordingSink:
     return RecordingSink()
 
 
+REPOS = ["Codertocat/Hello-World", "https://git.example.test/gogits/hello-world.git", "gitea/webhooks",
+         "bradrydzewski/drone-test-go"]
+
+
+def app(sink: RecordingSink, **kw: Any) -> Any:
+    return create_app(SECRET, sink=sink, repositories=kw.pop("repositories", REPOS), **kw)
+
+
 @pytest.fixture
 def client(sink: RecordingSink) -> TestClient:
-    return TestClient(create_app(SECRET, sink=sink))
+    return TestClient(app(sink))
 
 
 def github_headers(body: bytes, event: str = "push", delivery: str | None = None, **extra: str) -> dict[str, str]:
@@ -102,13 +114,13 @@ def test_signed_github_push_emits_one_event_and_answers_after_it(client: TestCli
     [event] = sink.events
     assert event["event"] == "homelab.git.push"
     assert event["resource"]["prefect.resource.id"] == "git.repo.Codertocat/Hello-World"
+    # No list of changed paths: the flow reads them from its own clone, never from the sender.
     assert event["payload"] == {
         "repository": "Codertocat/Hello-World",
         "ref": "refs/heads/master",
         "before": "a10867b14bb761a232cd80139fbd4c0d33264240",
         "after": "199eddf46df50de8d02e99bf1c5fdb4101338224",
-        "changed_paths": ["README.md"],
-        "changed_paths_complete": True,
+        "changed_paths": None,
         "delivery": "d-1",
         "sender": "Codertocat",
         "forge": "github",
@@ -123,7 +135,6 @@ def test_gitea_push_is_read_by_gitea_headers_even_with_x_github_event(client: Te
     [event] = sink.events
     assert event["resource"]["prefect.resource.id"] == "git.repo.gogits/hello-world"
     assert event["payload"]["forge"] == "gitea"
-    assert event["payload"]["changed_paths"] == ["README.md"]
     assert event["payload"]["sender"] == "unknwon"
 
 
@@ -167,23 +178,19 @@ def test_healthz_answers_ok(client: TestClient) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "repo", "ref", "paths", "complete"),
+    ("name", "repo", "ref"),
     [
-        ("github__drone-go-scm__push.json", "Codertocat/Hello-World", "refs/heads/master", ["README.md"], True),
-        ("github__drone-go-scm__push-branch-delete.json", "bradrydzewski/drone-test-go",
-         "refs/heads/feature-branch", [], False),
-        ("github__octokit-webhooks__push-with-new-branch.json", "Codertocat/Hello-World", "refs/heads/master",
-         ["README.md"], False),
-        ("github__octokit-webhooks__ghes-35-push-default.json", "Codertocat/Hello-World", "refs/tags/simple-tag",
-         [], False),
-        ("github__octokit-webhooks__push-with-organization.json", "Codertocat/Hello-World", "refs/tags/simple-tag",
-         [], False),
-        ("gitea__gitea-docs__push-example.json", "gitea/webhooks", "refs/heads/develop", [], False),
-        ("gitea__drone-go-scm__push.json", "gogits/hello-world", "refs/heads/master", ["README.md"], True),
+        ("github__drone-go-scm__push.json", "Codertocat/Hello-World", "refs/heads/master"),
+        ("github__drone-go-scm__push-branch-delete.json", "bradrydzewski/drone-test-go", "refs/heads/feature-branch"),
+        ("github__octokit-webhooks__push-with-new-branch.json", "Codertocat/Hello-World", "refs/heads/master"),
+        ("github__octokit-webhooks__ghes-35-push-default.json", "Codertocat/Hello-World", "refs/tags/simple-tag"),
+        ("github__octokit-webhooks__push-with-organization.json", "Codertocat/Hello-World", "refs/tags/simple-tag"),
+        ("gitea__gitea-docs__push-example.json", "gitea/webhooks", "refs/heads/develop"),
+        ("gitea__drone-go-scm__push.json", "gogits/hello-world", "refs/heads/master"),
     ],
 )
-def test_event_shape_from_real_payload(name: str, repo: str, ref: str, paths: list[str], complete: bool,
-                                       client: TestClient, sink: RecordingSink) -> None:
+def test_event_shape_from_real_payload(name: str, repo: str, ref: str, client: TestClient,
+                                       sink: RecordingSink) -> None:
     body = sample(name)
     headers = gitea_headers(body) if name.startswith("gitea") else github_headers(body)
     r = client.post("/hooks/git", content=body, headers=headers)
@@ -193,20 +200,33 @@ def test_event_shape_from_real_payload(name: str, repo: str, ref: str, paths: li
     assert event["resource"]["prefect.resource.id"] == f"git.repo.{repo}"
     p = event["payload"]
     assert (p["repository"], p["ref"], p["before"], p["after"]) == (repo, ref, raw["before"], raw["after"])
-    assert (p["changed_paths"], p["changed_paths_complete"]) == (paths, complete)
     assert "secret" not in json.dumps(event)  # old Gitea puts the secret in the body
 
 
-def test_branch_deletion_keeps_the_all_zero_after() -> None:
-    push = parse_push(json.loads(sample("github__drone-go-scm__push-branch-delete.json")))
-    assert push.after == "0" * 40
-    assert push.changed_paths == () and push.changed_paths_complete is False
+def test_large_bodies_read_as_a_stream_give_the_fields_json_gives() -> None:
+    from deployments.webhook import PushFields
+
+    for path in sorted(SAMPLES.glob("*push*.json")):
+        body = path.read_bytes()
+        streamed, parsed = PushFields.stream(body), PushFields.of(json.loads(body))
+        assert (streamed.top, streamed.nested, streamed.is_object) == (parsed.top, parsed.nested, True), path
+        push = parse_push_json(body)
+        assert (push.repository, push.before) == (json.loads(body)["repository"]["full_name"],
+                                                  json.loads(body)["before"])
 
 
-def test_force_push_paths_are_marked_incomplete() -> None:
+def test_signed_body_over_a_mib_is_parsed_as_a_stream(client: TestClient, sink: RecordingSink) -> None:
     raw = json.loads(PUSH)
-    raw["forced"] = True
-    assert parse_push(raw).changed_paths_complete is False
+    raw["commits"] = [{"id": f"{i:040x}", "message": "x" * 1000, "added": [f"f{i}"]} for i in range(2000)]
+    body = json.dumps(raw).encode()
+    assert len(body) > webhook.STREAM_PARSE_BYTES
+    r = client.post("/hooks/git", content=body, headers=github_headers(body))
+    assert r.status_code == 200, r.text
+    assert sink.events[0]["payload"]["after"] == raw["after"]
+
+
+def test_branch_deletion_keeps_the_all_zero_after() -> None:
+    assert parse_push_json(sample("github__drone-go-scm__push-branch-delete.json")).after == "0" * 40
 
 
 def test_event_id_is_stable_per_delivery_so_redeliveries_deduplicate_in_prefect() -> None:
@@ -214,35 +234,182 @@ def test_event_id_is_stable_per_delivery_so_redeliveries_deduplicate_in_prefect(
     assert webhook.event_id(GITHUB, "abc") != webhook.event_id(GITEA, "abc")
 
 
+# --- only the repositories it serves --------------------------------------------------------------
+
+
+def with_repository(body: bytes, full_name: str) -> bytes:
+    raw = json.loads(body)
+    raw["repository"]["full_name"] = full_name
+    return json.dumps(raw).encode()
+
+
+def test_signed_push_of_a_foreign_repository_is_202_ignored_with_no_event(client: TestClient,
+                                                                       sink: RecordingSink) -> None:
+    body = with_repository(PUSH, "attacker/unrelated-repo")
+    r = client.post("/hooks/git", content=body, headers=github_headers(body))
+    assert r.status_code == 202, r.text
+    assert r.json()["status"] == "ignored" and "attacker/unrelated-repo" in r.json()["reason"]
+    assert sink.events == []
+
+
+def test_repository_names_compare_case_insensitively_and_clone_urls_stand_for_theirs(
+        client: TestClient, sink: RecordingSink) -> None:
+    body = with_repository(PUSH, "codertocat/hello-world")
+    assert client.post("/hooks/git", content=body, headers=github_headers(body)).status_code == 200
+    body = with_repository(PUSH, "GoGits/Hello-World")  # allowed by its clone URL in REPOS
+    assert client.post("/hooks/git", content=body, headers=github_headers(body)).status_code == 200
+    assert len(sink.events) == 2
+
+
+def test_repository_list_entries_are_full_names_or_clone_urls() -> None:
+    assert allowed_repositories(["Me/HomeLab", "https://github.com/me/other.git", "git@git.lan:team/x.git",
+                                 "ssh://git@github.com/me/third", " "]) == {"me/homelab", "me/other", "team/x",
+                                                                           "me/third"}
+    for bad in ("/srv/git/homelab", "file:///srv/homelab", "--upload-pack=touch", "justaname"):
+        with pytest.raises(RepositoryRefused, match="neither owner/name nor a clone URL"):
+            allowed_repositories([bad])
+    assert repository_refusal("Me/HomeLab", frozenset({"me/homelab"})) is None
+    assert "names none" in str(repository_refusal("me/homelab", frozenset()))
+
+
+def test_git_block_allows_its_list_or_the_repository_its_url_names() -> None:
+    from blocks import GitSource
+
+    assert GitSource(url="/srv/homelab", repositories=["me/homelab"]).allowed_repositories() == {"me/homelab"}
+    assert GitSource(url="https://github.com/Me/HomeLab.git").allowed_repositories() == {"me/homelab"}
+    assert GitSource(url="/srv/homelab").allowed_repositories() == frozenset()
+    with pytest.raises(ValueError, match="repositories"):
+        GitSource(url="/srv/homelab", repositories=["$(reboot)"])
+
+
+def test_receiver_without_repositories_refuses_to_build() -> None:
+    with pytest.raises(webhook.WebhookConfigError, match="HOMELAB_WEBHOOK_REPOS"):
+        create_app(SECRET, sink=RecordingSink(), repositories=[])
+
+
+# --- replays -------------------------------------------------------------------------------------------
+
+
+def test_same_signed_push_under_a_new_delivery_id_is_409(client: TestClient, sink: RecordingSink) -> None:
+    assert client.post("/hooks/git", content=PUSH, headers=github_headers(PUSH, delivery="one")).status_code == 200
+    r = client.post("/hooks/git", content=PUSH, headers=github_headers(PUSH, delivery="two"))
+    assert r.status_code == 409 and "same push" in r.json()["error"]
+    assert len(sink.events) == 1
+
+
+def test_same_push_resent_with_gitea_headers_is_409(client: TestClient, sink: RecordingSink) -> None:
+    assert client.post("/hooks/git", content=PUSH, headers=github_headers(PUSH)).status_code == 200
+    # An attacker who saw the GitHub delivery drops "sha256=" and sends it as Gitea: the HMAC is the same.
+    assert client.post("/hooks/git", content=PUSH, headers=gitea_headers(PUSH)).status_code == 409
+    assert len(sink.events) == 1
+
+
+def test_replays_are_refused_after_a_restart(tmp_path: Path, sink: RecordingSink) -> None:
+    state = tmp_path / "state" / "deliveries.sqlite3"
+    first = TestClient(app(sink, state_path=state))
+    assert first.post("/hooks/git", content=PUSH, headers=github_headers(PUSH, delivery="r-1")).status_code == 200
+    first.app.state.deliveries.store.close()  # type: ignore[attr-defined]
+    again = TestClient(app(sink, state_path=state))  # a new process would open the same file
+    assert again.post("/hooks/git", content=PUSH, headers=github_headers(PUSH, delivery="r-1")).status_code == 409
+    assert again.post("/hooks/git", content=PUSH, headers=github_headers(PUSH, delivery="r-2")).status_code == 409
+    assert len(sink.events) == 1
+
+
+def test_seen_store_is_bounded_and_forgets_the_oldest(tmp_path: Path) -> None:
+    store = SeenStore(tmp_path / "s.sqlite3", capacity=3)
+    for k in ("a", "b", "c", "d"):
+        store.add(k)
+    assert len(store) == 3 and not store.seen("a") and store.seen("b", "zzz")
+    store.close()
+    assert SeenStore(tmp_path / "s.sqlite3", capacity=3).seen("d")
+
+
+def test_unusable_state_file_refuses_to_start_with_a_next_step(tmp_path: Path) -> None:
+    (tmp_path / "broken.sqlite3").write_bytes(b"not a database" * 100)
+    with pytest.raises(webhook.WebhookConfigError, match="HOMELAB_WEBHOOK_STATE"):
+        SeenStore(tmp_path / "broken.sqlite3")
+
+
+def test_seen_deliveries_are_bounded_and_oldest_forgotten(sink: RecordingSink) -> None:
+    client = TestClient(app(sink, seen_capacity=3))
+    bodies = [json.dumps({**json.loads(PUSH), "after": c * 40}).encode() for c in "abcd"]
+    for i, body in enumerate(bodies):
+        r = client.post("/hooks/git", content=body, headers=github_headers(body, delivery=f"d{i}"))
+        assert r.status_code == 200
+    deliveries: Deliveries = client.app.state.deliveries  # type: ignore[attr-defined]
+    assert len(deliveries.store) == 6  # a delivery id and a push each
+    assert client.post("/hooks/git", content=bodies[3], headers=github_headers(bodies[3], delivery="d3")).status_code == 409
+    assert client.post("/hooks/git", content=bodies[0], headers=github_headers(bodies[0], delivery="d0")).status_code == 200
+
+
+def test_concurrent_duplicate_waits_for_the_first_outcome() -> None:
+    async def scenario() -> list[bool]:
+        d = Deliveries(SeenStore(None))
+        assert await d.claim("k", "p")
+        waiter = asyncio.create_task(d.claim("other", "p"))  # the same push under another delivery id
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        d.settle(["k", "p"], remember=False)  # the first failed (503): the duplicate gets to handle it
+        first = await waiter
+        d.settle(["other", "p"], remember=True)
+        return [first, await d.claim("k", "p")]
+
+    assert asyncio.run(scenario()) == [True, False]
+
+
 # --- the checks and their order ----------------------------------------------------------------------
 
 
-def test_declared_oversized_unsigned_body_is_413(client: TestClient, sink: RecordingSink) -> None:
-    body = b"x" * (webhook.MAX_BODY_BYTES + 1)
-    r = client.post("/hooks/git", content=body, headers={"Content-Type": "text/plain"})
+def test_declared_oversized_body_is_413_before_anything_is_read(sink: RecordingSink) -> None:
+    client = TestClient(app(sink, max_body_bytes=1000))
+    r = client.post("/hooks/git", content=b"x" * 1001, headers={"Content-Type": "text/plain"})
     assert r.status_code == 413
     assert sink.events == []
 
 
-def test_streamed_oversized_body_without_content_length_is_413(client: TestClient, sink: RecordingSink) -> None:
-    def chunks():
-        for _ in range(20):
-            yield b"{" * 65536
+def test_content_length_of_23_digits_is_413_not_400(client: TestClient) -> None:
+    async def scenario() -> tuple[int, bool]:
+        sent: list[dict[str, Any]] = []
+        read = False
 
-    r = client.post("/hooks/git", content=chunks(), headers={"Content-Type": "application/json"})
+        async def receive() -> dict[str, Any]:
+            nonlocal read
+            read = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/hooks/git", "raw_path": b"/hooks/git",
+                 "query_string": b"", "root_path": "", "scheme": "http", "server": ("127.0.0.1", 1),
+                 "headers": [(b"content-length", b"9" * 23), (b"content-type", b"application/json")]}
+        await client.app(scope, receive, send)  # type: ignore[arg-type]
+        return sent[0]["status"], read
+
+    assert asyncio.run(scenario()) == (413, False)
+
+
+def test_streamed_oversized_body_without_content_length_is_413(sink: RecordingSink) -> None:
+    client = TestClient(app(sink, max_body_bytes=100_000))
+
+    def chunks() -> Any:
+        for _ in range(20):
+            yield b" " * 65536
+
+    headers = github_headers(b"")
+    r = client.post("/hooks/git", content=chunks(), headers=headers)
     assert r.status_code == 413
 
 
-def test_body_of_exactly_the_limit_passes_the_size_check(client: TestClient) -> None:
-    body = b" " * webhook.MAX_BODY_BYTES
-    r = client.post("/hooks/git", content=body, headers={"Content-Type": "application/json"})
-    assert r.status_code == 401
+def test_body_of_exactly_the_limit_passes_the_size_check(sink: RecordingSink) -> None:
+    client = TestClient(app(sink, max_body_bytes=100_000))
+    body = PUSH + b" " * (100_000 - len(PUSH))
+    assert client.post("/hooks/git", content=body, headers=github_headers(body)).status_code == 200
 
 
 def test_form_encoded_delivery_is_415_and_says_to_choose_json(client: TestClient, sink: RecordingSink) -> None:
     body = b"payload=" + PUSH
     headers = github_headers(body, **{"Content-Type": "application/x-www-form-urlencoded"})
-    headers["X-Hub-Signature-256"] = "sha256=" + "0" * 64
     r = client.post("/hooks/git", content=body, headers=headers)
     assert r.status_code == 415
     assert "application/json" in r.json()["error"]
@@ -254,12 +421,16 @@ def test_json_with_charset_is_accepted(client: TestClient) -> None:
     assert client.post("/hooks/git", content=PUSH, headers=headers).status_code == 200
 
 
-def test_missing_signature_is_401(client: TestClient, sink: RecordingSink) -> None:
+def test_missing_signature_is_401_before_the_body_is_read(client: TestClient, sink: RecordingSink) -> None:
     headers = github_headers(PUSH)
     del headers["X-Hub-Signature-256"]
     r = client.post("/hooks/git", content=PUSH, headers=headers)
     assert r.status_code == 401
     assert "missing X-Hub-Signature-256" in r.json()["error"]
+    assert "connection" not in r.headers  # a small unread body is dropped by uvicorn, the connection kept
+    big = b" " * (webhook.BODY_ALLOWANCE + 1)
+    r = client.post("/hooks/git", content=big, headers={"Content-Type": "application/json"})
+    assert r.status_code == 401 and r.headers["connection"] == "close"  # a large one is cut off unread
     assert sink.events == []
 
 
@@ -277,12 +448,29 @@ def test_signature_over_a_different_body_is_401(client: TestClient) -> None:
     assert client.post("/hooks/git", content=PUSH + b" ", headers=headers).status_code == 401
 
 
-def test_bad_signature_wins_over_duplicate_and_bad_json(client: TestClient) -> None:
-    body = b"{not json"
-    headers = github_headers(body, delivery="same")
-    assert client.post("/hooks/git", content=body, headers=headers).status_code == 400
-    headers["X-Hub-Signature-256"] = "sha256=" + "1" * 64
-    assert client.post("/hooks/git", content=body, headers=headers).status_code == 401
+def test_bad_signature_wins_over_bad_json(client: TestClient) -> None:
+    for body in (b"{not json", b"[" * 1000, b"[" + b"1," * 600_000 + b"1]"):
+        headers = github_headers(body)
+        assert client.post("/hooks/git", content=body, headers=headers).status_code == 400
+        headers["X-Hub-Signature-256"] = "sha256=" + "1" * 64
+        assert client.post("/hooks/git", content=body, headers=headers).status_code == 401
+
+
+def test_unfinished_bodies_beyond_the_shared_budget_are_503_and_small_ones_still_pass(sink: RecordingSink) -> None:
+    from deployments.webhook import Body, ByteBudget
+
+    budget = ByteBudget(100)
+    big, other = Body(KEY, budget, allowance=10), Body(KEY, budget, allowance=10)
+    assert big.add(b"x" * 110)  # 10 of its own, 100 borrowed
+    assert not other.add(b"y" * 11) and other.size == 0  # nothing left to borrow
+    assert other.add(b"y" * 10)  # its own allowance is always there
+    big.release()
+    assert budget.free == 100 and other.add(b"y" * 50)
+    client = TestClient(app(sink, body_allowance=1000, body_budget=0))
+    r = client.post("/hooks/git", content=PUSH, headers=github_headers(PUSH))
+    assert r.status_code == 503 and "redeliver" in r.json()["error"]
+    small = b'{"zen": "ok"}'
+    assert client.post("/hooks/git", content=small, headers=github_headers(small, event="issues")).status_code == 202
 
 
 def test_duplicate_delivery_is_409_and_emits_once(client: TestClient, sink: RecordingSink) -> None:
@@ -299,13 +487,6 @@ def test_ping_delivery_counts_as_seen(client: TestClient) -> None:
     assert client.post("/hooks/git", content=body, headers=headers).status_code == 409
 
 
-def test_duplicate_check_comes_before_json_parsing(client: TestClient) -> None:
-    body = b"{not json"
-    headers = github_headers(body, delivery="bad-json")
-    assert client.post("/hooks/git", content=body, headers=headers).status_code == 400
-    assert client.post("/hooks/git", content=body, headers=headers).status_code == 409
-
-
 def test_bad_json_is_400_before_the_event_kind(client: TestClient, sink: RecordingSink) -> None:
     body = b"\xff\xfe not json"
     r = client.post("/hooks/git", content=body, headers=github_headers(body, event="issues"))
@@ -315,7 +496,8 @@ def test_bad_json_is_400_before_the_event_kind(client: TestClient, sink: Recordi
 
 def test_deeply_nested_json_is_400_not_a_crash(client: TestClient) -> None:
     body = b"[" * 200_000 + b"]" * 200_000
-    assert client.post("/hooks/git", content=body, headers=github_headers(body)).status_code == 400
+    r = client.post("/hooks/git", content=body, headers=github_headers(body))
+    assert r.status_code == 400 and "not JSON" in r.json()["error"]
 
 
 def test_push_without_repository_is_400(client: TestClient, sink: RecordingSink) -> None:
@@ -344,7 +526,7 @@ def test_delivery_id_missing_is_400(client: TestClient) -> None:
 
 def test_prefect_unreachable_is_503_and_the_retry_goes_through(client: TestClient, sink: RecordingSink) -> None:
     headers = github_headers(PUSH, delivery="retry-me")
-    sink.failure = EventSinkUnavailable("Prefect API at http://127.0.0.1:9/api/events unreachable: ConnectError")
+    sink.failure = EventSinkUnavailable("events endpoint http://127.0.0.1:9/api/events unreachable: ConnectError")
     r = client.post("/hooks/git", content=PUSH, headers=headers)
     assert r.status_code == 503
     assert "Retry-After" in r.headers
@@ -355,48 +537,31 @@ def test_prefect_unreachable_is_503_and_the_retry_goes_through(client: TestClien
 
 def test_prefect_refusal_is_502_and_not_remembered(client: TestClient, sink: RecordingSink) -> None:
     headers = github_headers(PUSH, delivery="refused")
-    sink.failure = EventSinkRejected("Prefect API at http://x/api/events refused the event: 401 ''")
+    sink.failure = EventSinkRejected("events endpoint http://x/api/events refused the event: 403 ''")
     assert client.post("/hooks/git", content=PUSH, headers=headers).status_code == 502
     sink.failure = None
     assert client.post("/hooks/git", content=PUSH, headers=headers).status_code == 200
 
 
-def test_seen_deliveries_are_bounded_and_oldest_forgotten(sink: RecordingSink) -> None:
-    client = TestClient(create_app(SECRET, sink=sink, seen_capacity=3))
-    for d in ("a", "b", "c", "d"):
-        assert client.post("/hooks/git", content=PUSH, headers=github_headers(PUSH, delivery=d)).status_code == 200
-    deliveries: Deliveries = client.app.state.deliveries  # type: ignore[attr-defined]
-    assert len(deliveries) == 3
-    assert client.post("/hooks/git", content=PUSH, headers=github_headers(PUSH, delivery="d")).status_code == 409
-    assert client.post("/hooks/git", content=PUSH, headers=github_headers(PUSH, delivery="a")).status_code == 200
-
-
-def test_concurrent_duplicate_waits_for_the_first_outcome() -> None:
-    async def scenario() -> list[bool]:
-        d = Deliveries()
-        assert await d.claim("k")
-        waiter = asyncio.create_task(d.claim("k"))
-        await asyncio.sleep(0)
-        assert not waiter.done()
-        d.settle("k", remember=False)  # the first failed (503): the duplicate gets to handle it
-        first = await waiter
-        d.settle("k", remember=True)
-        return [first, await d.claim("k")]
-
-    assert asyncio.run(scenario()) == [True, False]
-
-
 def test_empty_secret_refuses_to_build() -> None:
     with pytest.raises(webhook.WebhookConfigError):
-        create_app("", sink=RecordingSink())
+        create_app("", sink=RecordingSink(), repositories=REPOS)
 
 
-# --- the secret ------------------------------------------------------------------------------------
+# --- configuration ---------------------------------------------------------------------------------
 
 
 def test_secret_comes_from_the_environment_first(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOMELAB_WEBHOOK_SECRET", "from-env")
     assert webhook.load_secret() == "from-env"
+
+
+def test_repositories_come_from_the_environment_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOMELAB_WEBHOOK_REPOS", " me/homelab, ,you/other ")
+    assert webhook.load_repositories() == ["me/homelab", "you/other"]
+    monkeypatch.setenv("HOMELAB_WEBHOOK_REPOS", " , ")
+    with pytest.raises(webhook.WebhookConfigError, match="names no repository"):
+        webhook.load_repositories()
 
 
 def test_without_env_or_block_it_refuses_with_a_next_step(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -406,23 +571,39 @@ def test_without_env_or_block_it_refuses_with_a_next_step(monkeypatch: pytest.Mo
         raise ValueError(f"Unable to find block document named {name}")
 
     monkeypatch.delenv("HOMELAB_WEBHOOK_SECRET", raising=False)
+    monkeypatch.delenv("HOMELAB_WEBHOOK_REPOS", raising=False)
     monkeypatch.setattr(blocks.Webhook, "load", missing)
+    monkeypatch.setattr(blocks.GitSource, "load", missing)
     with pytest.raises(webhook.WebhookConfigError, match="HOMELAB_WEBHOOK_SECRET"):
         webhook.load_secret("lab")
+    with pytest.raises(webhook.WebhookConfigError, match="HOMELAB_WEBHOOK_REPOS"):
+        webhook.load_repositories("lab")
 
 
-def test_serve_exits_2_without_a_secret(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(("env", "message"), [
+    ({"HOMELAB_WEBHOOK_REPOS": "me/homelab"}, "no webhook secret"),
+    ({"HOMELAB_WEBHOOK_SECRET": "s"}, "no repository to serve"),
+    ({"HOMELAB_WEBHOOK_SECRET": "s", "HOMELAB_WEBHOOK_REPOS": "not a repo"}, "neither owner/name nor a clone URL"),
+])
+def test_serve_exits_2_with_what_is_missing(env: dict[str, str], message: str, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     import blocks
 
     def missing(name: str) -> Any:
         raise ValueError("not found")
 
-    monkeypatch.delenv("HOMELAB_WEBHOOK_SECRET", raising=False)
+    for name in ("HOMELAB_WEBHOOK_SECRET", "HOMELAB_WEBHOOK_REPOS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("HOMELAB_WEBHOOK_STATE", str(tmp_path / "s.sqlite3"))
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     monkeypatch.setattr(blocks.Webhook, "load", missing)
-    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}), pytest.raises(SystemExit) as exit_:
+    monkeypatch.setattr(blocks.GitSource, "load", missing)
+    with pytest.raises(SystemExit) as exit_:
         webhook.serve(port=1)
     assert exit_.value.code == 2
-    assert "no webhook secret" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_secret_from_block_when_env_unset(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -431,6 +612,79 @@ def test_secret_from_block_when_env_unset(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.delenv("HOMELAB_WEBHOOK_SECRET", raising=False)
     monkeypatch.setattr(blocks.Webhook, "load", lambda name: blocks.Webhook(secret="from-block"))
     assert webhook.load_secret() == "from-block"
+
+
+def test_receiver_module_needs_no_prefect_and_no_prefect_credential() -> None:
+    import subprocess
+    import sys
+
+    # The internet-facing process neither imports Prefect (memory, and Prefect's settings would read its
+    # credentials) nor sends a credential: the relay holds it.
+    code = ("import sys, deployments.webhook as w; "
+            "assert not [m for m in sys.modules if m == 'prefect' or m.startswith('prefect.')], 'prefect imported'; "
+            "assert 'Authorization' not in w.PrefectEvents('http://x/api')._headers")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+# --- the events relay ------------------------------------------------------------------------------------
+
+
+def relayed(event_name: str = "homelab.git.push", repository: str = "me/homelab", **extra: Any) -> dict[str, Any]:
+    return {"id": str(uuid.uuid4()), "occurred": "2026-01-01T00:00:00+00:00", "event": event_name,
+            "resource": {"prefect.resource.id": f"git.repo.{repository}", "prefect.resource.name": repository},
+            "related": [], "payload": {"repository": repository, "ref": "refs/heads/main", "before": "a" * 40,
+                                       "after": "b" * 40, "delivery": "d", "sender": "me", "forge": "github"},
+            **extra}
+
+
+def test_relay_passes_only_push_events_of_its_repositories() -> None:
+    allowed = frozenset({"me/homelab"})
+    assert check_relayed_event(relayed(), allowed) is None
+    assert "only homelab.git.push" in str(check_relayed_event(relayed("prefect.flow-run.Completed"), allowed))
+    assert "not one the relay serves" in str(check_relayed_event(relayed(repository="other/repo"), allowed))
+    forged = relayed(related=[{"prefect.resource.id": "prefect.deployment.x", "prefect.resource.role": "target"}])
+    assert check_relayed_event(forged, allowed) is not None
+    wrong_resource = relayed()
+    wrong_resource["resource"] = {"prefect.resource.id": "prefect.flow-run.1"}
+    assert check_relayed_event(wrong_resource, allowed) is not None
+    for key, value in (("changed_paths", ["x"]), ("extra", 1)):
+        extra_payload = relayed()
+        extra_payload["payload"][key] = value
+        assert check_relayed_event(extra_payload, allowed) is not None
+
+
+def test_relay_forwards_with_the_credential_and_refuses_the_rest() -> None:
+    seen: list[httpx.Request] = []
+
+    def prefect(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(204)
+
+    relay = create_relay_app("http://prefect.test/api", repositories=["me/homelab"],
+                             headers={"Authorization": "Basic c2VjcmV0"}, transport=httpx.MockTransport(prefect))
+    with TestClient(relay) as client:
+        ok = client.post("/api/events", json=[relayed()])
+        refused = client.post("/api/events", json=[relayed(), relayed("prefect.deployment.triggered")])
+        too_big = client.post("/api/events", content=b"[" + b" " * (webhook.RELAY_MAX_BODY_BYTES + 1) + b"]",
+                              headers={"Content-Type": "application/json"})
+    assert ok.status_code == 204
+    assert refused.status_code == 403 and too_big.status_code == 413
+    [request] = seen  # the refused batch was not passed on, not even its allowed half
+    assert request.url == "http://prefect.test/api/events"
+    assert request.headers["Authorization"] == "Basic c2VjcmV0"
+
+
+def test_relay_maps_prefect_failures_to_what_the_receiver_retries() -> None:
+    def down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    for transport, status in ((httpx.MockTransport(down), 503),
+                              (httpx.MockTransport(lambda r: httpx.Response(401)), 502)):
+        relay = create_relay_app("http://prefect.test/api", repositories=["me/homelab"], transport=transport)
+        with TestClient(relay) as client:
+            assert client.post("/api/events", json=[relayed()]).status_code == status
 
 
 # --- the Prefect edge (HTTP faked with httpx.MockTransport) ----------------------------------------
