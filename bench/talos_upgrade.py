@@ -11,7 +11,10 @@ clean again) to the start of the flow's next step, over the gates the flow was w
 baseline_wall_s: on a fresh twin in the same state, what users do today:
 `talosctl upgrade --wait` per node, then `until ceph health | grep HEALTH_OK; do sleep 10; done`.
 
-    .venv/bin/python bench/talos_upgrade.py [--reboot-seconds 1.0] [--recovery-seconds 0.5]
+alert_gate_reaction_s_p50 (--monitoring real): an alert's condition clears -> the flow's next step after
+the alert gate starts (target: 1 s plus one Prometheus evaluation interval); null without monitoring.
+
+    .venv/bin/python bench/talos_upgrade.py [--reboot-seconds 1.0] [--recovery-seconds 0.5] [--monitoring real]
 """
 
 from __future__ import annotations
@@ -120,12 +123,12 @@ def reactions(timeline: list[tuple[float, str, str]], cond: Conditions) -> list[
     return out
 
 
-def run_flow(knobs: dict[str, float], workdir: Path) -> dict[str, Any]:
+def run_flow(knobs: dict[str, float], workdir: Path, monitoring: str = "none") -> dict[str, Any]:
     from flows import talos_upgrade as tu
     from twin import Knobs, Twin
     from twin.register import homelab_block
 
-    with Twin(REPO / "k8s", workdir / "flow", knobs=Knobs(**knobs)) as t:
+    with Twin(REPO / "k8s", workdir / f"flow-{monitoring}", knobs=Knobs(**knobs), monitoring=monitoring) as t:
         name = f"bench-{uuid.uuid4().hex[:8]}"
         homelab_block(t).save(name, overwrite=True)
         cond = Conditions(t, "m720q")
@@ -142,6 +145,54 @@ def run_flow(knobs: dict[str, float], workdir: Path) -> dict[str, Any]:
         return {"nodes": nodes, "wall_s": wall, "reactions": reacts,
                 "max_concurrent": t.record.max_concurrent("m720q"),
                 "lock_check_ms_p50": res["lock"]["confirm_ms_p50"]}
+
+
+def run_alert_reactions(knobs: dict[str, float], workdir: Path, hold_s: float = 1.5) -> list[float]:
+    """With monitoring on: an alert fires before each node; once the flow has waited at the alert gate for
+    `hold_s`, the alert's condition is cleared (the fault's rule stops holding) and the time until the flow's
+    next step starts is one reaction. It includes Prometheus' wait for its next evaluation (1 s interval)."""
+    from flows import talos_upgrade as tu
+    from twin import Knobs, Twin
+    from twin.register import homelab_block
+
+    cleared: list[tuple[float, str]] = []
+    with Twin(REPO / "k8s", workdir / "flow-alerts", knobs=Knobs(**knobs), monitoring="real",
+              faults=["alert-firing=BenchAlert"]) as t:
+        name = f"bench-{uuid.uuid4().hex[:8]}"
+        block = homelab_block(t)
+        block.monitoring.alert_gate_seconds = 30
+        block.save(name, overwrite=True)
+        tu.TIMELINE.clear()
+        done = threading.Event()
+
+        def conductor() -> None:
+            for host in ("m720q-1", "m720q-2", "m720q-3"):
+                while not done.is_set() and not any(n == host and st == "alert-gate" for _, n, st in tu.TIMELINE):
+                    time.sleep(0.01)
+                if done.wait(hold_s):
+                    return
+                t.clear("alert-firing")
+                cleared.append((time.monotonic(), host))
+                while not done.is_set() and not any(n == host and st not in ("alert-gate",) and at > cleared[-1][0]
+                                                    for at, n, st in tu.TIMELINE):
+                    time.sleep(0.01)
+                t.inject("alert-firing=BenchAlert")  # fires again before the next node's gate looks
+
+        th = threading.Thread(target=conductor, daemon=True)
+        th.start()
+        state = tu.talos_upgrade(homelab=name, require_approval=False, snapshot_dir=str(workdir / "snap-alerts"),
+                                 return_state=True)
+        done.set()
+        th.join(5)
+        res = tu.state_result(state)
+        if res["status"] != "completed":
+            raise SystemExit(f"the flow with alerts did not complete: {res['error']}")
+        out = []
+        for at, host in cleared:
+            nxt = [m for m, n, st in tu.TIMELINE if n == host and m > at and st != "alert-gate"]
+            if nxt:
+                out.append(min(nxt) - at)
+        return out
 
 
 def run_baseline(knobs: dict[str, float], workdir: Path) -> float:
@@ -169,11 +220,17 @@ def main() -> None:
     ap.add_argument("--reboot-seconds", type=float, default=1.0)
     ap.add_argument("--recovery-seconds", type=float, default=0.5)
     ap.add_argument("--no-baseline", action="store_true", help="skip the baseline script (it sleeps 10 s a node)")
+    ap.add_argument("--monitoring", choices=("none", "real"), default="none",
+                    help="real: the flow's monitoring gates against a real Prometheus and Alertmanager (1 s "
+                         "intervals), and alert_gate_reaction_s_p50 from a second run")
     args = ap.parse_args()
     knobs = {"reboot_seconds": args.reboot_seconds, "recovery_seconds": args.recovery_seconds}
+    alert_reactions: list[float] = []
     with tempfile.TemporaryDirectory(prefix="bench-talos-") as tmp, prefect_server():
         work = Path(tmp)
-        flow = run_flow(knobs, work)
+        flow = run_flow(knobs, work, args.monitoring)
+        if args.monitoring == "real":
+            alert_reactions = run_alert_reactions(knobs, work)
         baseline = None if args.no_baseline else run_baseline(knobs, work)
     nodes = flow["nodes"]
     physical = nodes * (args.reboot_seconds + args.recovery_seconds)
@@ -185,6 +242,8 @@ def main() -> None:
         "gate_reaction_s_p50": round(statistics.median(flow["reactions"]), 3) if flow["reactions"] else None,
         "baseline_wall_s": None if baseline is None else round(baseline, 3),
         "lock_check_ms_p50": flow["lock_check_ms_p50"],
+        "monitoring": args.monitoring,
+        "alert_gate_reaction_s_p50": round(statistics.median(alert_reactions), 3) if alert_reactions else None,
     }))
 
 

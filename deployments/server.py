@@ -62,8 +62,9 @@ DATABASE_URL_ENV = "HOMELAB_DATABASE_URL"
 # Prefect's own names for the database URL (prefect/settings/models/server/database.py, connection_url,
 # the first wins): one set where this command starts is used, not silently replaced by SQLite.
 PREFECT_DATABASE_URL_ENVS = ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL")
-# The async drivers Prefect's server accepts (server/database/dependencies.py picks the configuration by
-# dialect; a sync driver such as plain postgresql:// (psycopg2) fails at the first query).
+# The async drivers Prefect's server accepts: it picks its configuration by dialect
+# (server/database/dependencies.py) and opens the URL with SQLAlchemy's create_async_engine, which
+# refuses a sync driver such as plain postgresql:// (psycopg2) only once the server is starting.
 DATABASE_SCHEMES = ("postgresql+asyncpg", "sqlite+aiosqlite")
 # The inherited environment passes through to the Prefect server, except these: a redis URL there
 # would win over the host and port set here (prefect_redis/client.py, RedisMessagingSettings), and the

@@ -281,13 +281,16 @@ def after_node(node: str, mark: Mark | None = None) -> None:
 
 def end_of_run(log: Any) -> list[dict[str, str]]:
     """Whatever ended the run: every silence still in force expired (or reported left); the result's list.
-    Safe to call more than once and outside a run that has monitoring."""
+    Call it after the outcome rows are made (they read the health results). Safe outside a run that has
+    monitoring."""
     mon = current()
     if mon is None:
         return []
     with contextlib.suppress(Exception):
         expire_node_silences(mon, None, log)
-    return [s.as_result() for s in mon.silences]
+    out = [s.as_result() for s in mon.silences]
+    forget_run()  # the run is over: its client closes, and a long-lived worker keeps nothing of it
+    return out
 
 
 def silences_result() -> list[dict[str, str]]:

@@ -45,6 +45,7 @@ from blocks import Homelab, load_homelab
 from flows import _runtime
 from flows._guard import StepFailed as GateFailed
 from flows._guard import checkpoint, disruption_lock
+from homelab import safeyaml
 from homelab.config import ProxmoxCluster, load_tree
 from homelab.problems import ConfigError, Problem
 from homelab.provision import (
@@ -388,7 +389,7 @@ def generate_configs(talos: tl.Talosctl, block: Homelab, cfg: ProxmoxCluster, ou
     helmrelease = block.gitops_tree() / CILIUM_HELMRELEASE
     if _sets_cni_none(patches) and helmrelease.is_file():
         cilium = out_dir / "cilium-install.patch.yaml"
-        cilium.write_text(yaml.safe_dump(cilium_install_patch(yaml.safe_load(helmrelease.read_text()) or {}),
+        cilium.write_text(yaml.safe_dump(cilium_install_patch((_tree_yaml(helmrelease) or [None])[0] or {}),
                                          sort_keys=False))
         cp_patches.append(str(cilium))
     argv = gen_config_argv(cfg, str(out_dir), talosctl=talos.path, secrets_file=str(secrets_file), patches=patches,
@@ -401,9 +402,17 @@ def generate_configs(talos: tl.Talosctl, block: Homelab, cfg: ProxmoxCluster, ou
     return out_dir
 
 
+def _tree_yaml(path: Path) -> list[Any]:
+    """A file of the GitOps tree, through the tree's one YAML loader (size, duplicate keys, aliases)."""
+    try:
+        return safeyaml.read_all(path)
+    except safeyaml.YamlRefused as e:
+        raise StepFailed(f"{path}: {e}: fix the file (`homelab validate` lists every problem)") from None
+
+
 def _sets_cni_none(patches: list[str]) -> bool:
     for path in patches:
-        for doc in yaml.safe_load_all(Path(path).read_text()):
+        for doc in _tree_yaml(Path(path)):
             cni = (((doc or {}).get("cluster") or {}).get("network") or {}).get("cni") if isinstance(doc, dict) else None
             if isinstance(cni, dict) and cni.get("name") == "none":
                 return True
@@ -467,6 +476,7 @@ def find_maintenance_address(api: px.ProxmoxApi, cfg: ProxmoxCluster, vm_name: s
     if cfg.proxmox.maintenance_address == "static":
         return vm.ip
     last = "not asked yet"
+    pause = poll_s
     while True:
         try:
             found = maintenance_ip(api.agent_interfaces(node, vmid), vm.mac)
@@ -485,7 +495,10 @@ def find_maintenance_address(api: px.ProxmoxApi, cfg: ProxmoxCluster, vm_name: s
                              f"within the deadline; last: {last}. Check that the image has the qemu-guest-agent "
                              "extension and that the VM gets a DHCP lease on its bridge; with DHCP reservations or "
                              "ip= kernel arguments for the final addresses, set proxmox.maintenanceAddress: static")
-        time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
+        time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+        # The agent answers only once the VM has booted: back off as task polls do (tasks/proxmox.py), so
+        # a slow boot costs a few requests, not one per poll interval.
+        pause = min(pause * px.POLL_BACKOFF, max(px.POLL_MAX_SECONDS, poll_s))
 
 
 @task(name="talos-apply-config", task_run_name="apply-config {vm_name}", cache_policy=NO_CACHE)

@@ -909,6 +909,9 @@ def summary(res: dict[str, Any]) -> str:
                 lines.append("  $ " + shlex.join(s["argv"]))
     lines.append(f"  max disrupted at once: {res.get('max_disrupted')}; noout: {res.get('noout')}; "
                  f"etcd snapshot: {res.get('etcd_snapshot') or '-'}")
+    if res.get("silences"):
+        states = sorted({x["state"] for x in res["silences"]})
+        lines.append(f"  Alertmanager silences: {len(res['silences'])} made, {', '.join(states)}")
     if res.get("error"):
         lines.append(f"  {res['error']}")
     return "\n".join(lines)

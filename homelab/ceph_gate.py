@@ -552,10 +552,12 @@ def cluster_clean(status: CephStatus, tolerated_flags: Iterable[str] = frozenset
             f"OSDs up {status.num_up_osds}/{status.num_osds}, in {status.num_in_osds}/{status.num_osds}"
         )
     # Read from the maps, not from health: a muted MON_DOWN leaves health OK with a mon gone.
-    if status.quorum_names is not None and status.num_mons is not None and len(status.quorum_names) < status.num_mons:
+    mons_out = (status.quorum_names is not None and status.num_mons is not None
+                and len(status.quorum_names) < status.num_mons)
+    if mons_out:
         problems.append(
-            f"only {len(status.quorum_names)} of {status.num_mons} mons in quorum "
-            f"({','.join(status.quorum_names) or 'none'})"
+            f"only {len(status.quorum_names or ())} of {status.num_mons} mons in quorum "
+            f"({','.join(status.quorum_names or ()) or 'none'})"
         )
     if status.mgr_available is False:
         problems.append("no active mgr (PG states and ok-to-stop need one)")
@@ -570,7 +572,15 @@ def cluster_clean(status: CephStatus, tolerated_flags: Iterable[str] = frozenset
     if not problems:
         return Verdict(True, f"all {num_pgs} PGs active+clean; {health.reason}")
     bad = _untolerated(health_now, tolerated_flags)
-    step = _next_step(bad) if bad else "wait for the PGs to become active+clean, then run again"
+    if bad:
+        step = _next_step(bad)
+    elif mons_out:
+        step = ("start the mons that are out of quorum (`ceph quorum_status`; `kubectl -n rook-ceph get pods "
+                "-l app=rook-ceph-mon`), then run again")
+    elif status.mgr_available is False:
+        step = "wait for a mgr to become active (`ceph mgr stat`), then run again"
+    else:
+        step = "wait for the PGs to become active+clean, then run again"
     return Verdict(False, "Ceph not clean: " + "; ".join(problems) + f"; {step}")
 
 

@@ -109,8 +109,8 @@ def upgrade_talos(
     json_output: JsonOpt = False,
 ) -> None:
     """Upgrade Talos node by node: gates, approval, one global lock, resumable."""
-    from flows._runtime import twin_monitoring
     from flows.talos_upgrade import summary, talos_upgrade, upgrade_cli
+    from homelab.cli_runtime import twin_monitoring
 
     with twin_monitoring(monitoring):
         upgrade_cli(talos_upgrade, dict(cluster=cluster, to=to, nodes=list(node) if node else None, run_now=now),
@@ -137,9 +137,9 @@ def upgrade_kubernetes(
     json_output: JsonOpt = False,
 ) -> None:
     """Upgrade Kubernetes with talosctl upgrade-k8s: one minor at a time, behind the same gates."""
-    from flows._runtime import twin_monitoring
     from flows.kubernetes_upgrade import kubernetes_upgrade, summary
     from flows.talos_upgrade import upgrade_cli
+    from homelab.cli_runtime import twin_monitoring
 
     with twin_monitoring(monitoring):
         upgrade_cli(kubernetes_upgrade, dict(cluster=cluster, to=to, run_now=now), summary,
@@ -167,8 +167,8 @@ def reconcile(
 ) -> None:
     """Reconcile Flux Kustomizations in dependsOn order, as `flux reconcile ks --with-source` does, and
     HelmReleases as `flux reconcile hr [--force|--reset]` does."""
-    from flows._runtime import twin_monitoring
     from flows.flux_reconcile import cli
+    from homelab.cli_runtime import twin_monitoring
 
     with twin_monitoring(monitoring):
         cli(list(names or []), all_, no_source, homelab, cluster, twin, twin_state, list(fault or []), json_output,
@@ -192,8 +192,8 @@ def provision(
         "--prune", help="Also stop and delete this cluster's VMs that cluster.yaml no longer lists.")] = False,
 ) -> None:
     """Provision the Proxmox cluster from cluster.yaml: plan, approve, apply, bootstrap."""
-    from flows._runtime import twin_monitoring
     from flows.provision import cli
+    from homelab.cli_runtime import twin_monitoring
 
     with twin_monitoring(monitoring):
         cli(homelab, cluster, plan, yes, twin, twin_state, list(fault or []), json_output, destroy=destroy, prune=prune)
@@ -210,8 +210,8 @@ def drift(
     json_output: JsonOpt = False,
 ) -> None:
     """Compare the desired state in git with the live homelab (read-only)."""
-    from flows._runtime import twin_monitoring
     from flows.drift_check import cli
+    from homelab.cli_runtime import twin_monitoring
 
     with twin_monitoring(monitoring):
         cli(homelab, cluster, twin, twin_state, list(fault or []), json_output)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from homelab import safeyaml
 from homelab.problems import ConfigError, Problem, from_validation_error
-from homelab.versions import VersionError, installer_image, parse_version
+from homelab.versions import ImageFactory, VersionError, image_factory, installer_image, parse_version
 
 # --- YAML -------------------------------------------------------------------------------------
 
@@ -258,6 +258,13 @@ class TalConfig(_Loose):
     def _endpoint(cls, v: str) -> str:
         return api_endpoint(v, "https://10.42.0.101:6443")
 
+    @field_validator("image_factory")
+    @classmethod
+    def _factory(cls, v: Any) -> Any:
+        # Its registry reaches talosctl's argv (the installer image) and its endpoint an HTTP request.
+        image_factory(v)
+        return v
+
     def node(self, hostname: str) -> TalNode | None:
         return next((n for n in self.nodes if n.hostname == hostname), None)
 
@@ -265,11 +272,22 @@ class TalConfig(_Loose):
         """Control planes first, then workers, each in file order: the order of a rolling upgrade."""
         return [n for n in self.nodes if n.control_plane] + [n for n in self.nodes if not n.control_plane]
 
-    def installer_for(self, node: TalNode, version: str) -> str:
+    def schematic_for(self, node: TalNode) -> dict[str, Any] | None:
+        """The node's Image Factory schematic: its own, else its role section's (talhelper's precedence)."""
         section = self.control_plane if node.control_plane else self.worker
-        url = node.talos_image_url or (section.talos_image_url if section else None)
-        schematic = node.schematic if node.schematic is not None else (section.schematic if section else None)
-        return installer_image(version, schematic, url, node.secureboot)
+        return node.schematic if node.schematic is not None else (section.schematic if section else None)
+
+    def image_url_for(self, node: TalNode) -> str | None:
+        section = self.control_plane if node.control_plane else self.worker
+        return node.talos_image_url or (section.talos_image_url if section else None)
+
+    def installer_for(self, node: TalNode, version: str) -> str:
+        return installer_image(version, self.schematic_for(node), self.image_url_for(node), node.secureboot,
+                               self.factory())
+
+    def factory(self) -> ImageFactory:
+        """talhelper's `imageFactory` settings with its defaults for what is not set."""
+        return image_factory(self.image_factory)
 
 
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")

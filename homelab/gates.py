@@ -37,6 +37,8 @@ class NodeView:
     kubelet_version: str
     resource_version: str
     ready_reason: str = ""
+    boot_id: str = ""  # status.nodeInfo.bootID: the kernel's boot ID, as the kubelet last posted it
+    talos_cordoned: bool = False  # annotation talos.dev/cordoned: the cordon is Talos's own (an upgrade's)
 
     def describe(self) -> str:
         parts = ["Ready" if self.ready else f"NotReady{f' ({self.ready_reason})' if self.ready_reason else ''}"]

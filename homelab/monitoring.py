@@ -322,11 +322,71 @@ def _truthy(value: Any) -> bool:
     return x != 0 and not math.isnan(x)
 
 
-def health_verdict(q: HealthQuery, body: Mapping[str, Any]) -> Verdict:
-    """A /api/v1/query answer judged: true = a non-empty result whose every value is truthy (not 0, not NaN).
+_CMP = re.compile(r"(==|!=|>=|<=|>|<)(\s*bool\b)?")
 
-    An instant vector of `x == 0` keeps only the series where it holds, with their value 0: so a comparison
-    without `bool` that filters everything away is false (empty), and one that keeps a 0 is false too."""
+
+def filters(expr: str) -> bool:
+    """Whether the expression's outermost operation is a comparison without `bool`.
+
+    Such a comparison keeps the series for which it holds, with their own value (PromQL: `x == 0` returns
+    `x`'s series whose value is 0), so every series it returns is a truth even when its value is 0;
+    `x == bool 0` returns 1 or 0 per series instead. Strings, label matchers, ranges and parentheses are
+    skipped, so only an operator at the top level counts."""
+    text = expr.strip()
+    while text.startswith("(") and _closing(text, 0) == len(text) - 1:
+        text = text[1:-1].strip()
+    depth, i, found = 0, 0, False
+    while i < len(text):
+        c = text[i]
+        if c in "\"'`":
+            j = i + 1
+            while j < len(text) and text[j] != c:
+                j += 2 if text[j] == "\\" and c != "`" else 1
+            i = j + 1
+            continue
+        if c in "({[":
+            depth += 1
+        elif c in ")}]":
+            depth -= 1
+        elif depth == 0:
+            m = _CMP.match(text, i)
+            if m and not (m.group(1) in ("<", ">") and text[i + 1:i + 2] == "="):
+                if not m.group(2):
+                    found = True
+                i = m.end()
+                continue
+        i += 1
+    return found
+
+
+def _closing(text: str, start: int) -> int:
+    """The index of the parenthesis closing the one at ``start`` (-1 when it is not closed)."""
+    depth = 0
+    i = start
+    while i < len(text):
+        c = text[i]
+        if c in "\"'`":
+            j = i + 1
+            while j < len(text) and text[j] != c:
+                j += 2 if text[j] == "\\" and c != "`" else 1
+            i = j + 1
+            continue
+        if c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return -1
+
+
+def health_verdict(q: HealthQuery, body: Mapping[str, Any]) -> Verdict:
+    """A /api/v1/query answer judged: true = a non-empty result whose every value is truthy.
+
+    A value is truthy when it is neither 0 nor NaN, except in the answer of a filtering comparison
+    (`ceph_health_status == 0`, see filters()), where each series returned is one for which the comparison
+    holds: there a non-empty answer is true, and an empty one (nothing holds) false."""
     if body.get("status") != "success":
         return Verdict(False, f"{q.name}: Prometheus refused `{q.expr}`: {body.get('errorType', '')} "
                               f"{body.get('error', '')}".rstrip())
@@ -341,7 +401,8 @@ def health_verdict(q: HealthQuery, body: Mapping[str, Any]) -> Verdict:
         values = [(_series(r.get("metric") or {}), ((r.get("values") or [[None, None]])[-1])[1]) for r in result or []]
     if not values:
         return Verdict(False, f"{q.name}: `{q.expr}` returned no series")
-    false = [(s, v) for s, v in values if not _truthy(v)]
+    kept = filters(q.expr)
+    false = [(s, v) for s, v in values if not kept and not _truthy(v)]
     if false:
         shown = "; ".join(f"{s or 'value'} = {v}" for s, v in false[:5])
         return Verdict(False, f"{q.name}: `{q.expr}` is not true for {len(false)} of {len(values)} series: {shown}")

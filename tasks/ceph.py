@@ -334,11 +334,17 @@ class CephCli:
         res = self.run("config-key", "get", ceph_gate.NOOUT_OWNER_KEY, ok_codes=(0, ceph_gate.ENOENT))
         return res.stdout if res.returncode == 0 else None
 
+    def _flags_and_record(self) -> tuple[frozenset[str], str | None]:
+        """The OSD map flags and the noout owner record, read at once."""
+        with ThreadPoolExecutor(1) as pool:
+            record = pool.submit(self.noout_record)
+            flags = self.flags()
+            return flags, record.result()
+
     def noout(self, flow: str, cluster: str) -> tuple[Verdict, bool]:
         """Is noout set, and if so, is it ``flow``'s own on ``cluster``? (verdict, own)."""
-        flags = self.flags()
-        record = self.noout_record() if "noout" in flags else None
-        return ceph_gate.noout_verdict(flags, record, flow, cluster)
+        flags, record = self._flags_and_record()
+        return ceph_gate.noout_verdict(flags, record if "noout" in flags else None, flow, cluster)
 
     def set_noout(self, owner: NooutOwner) -> None:
         """Set noout for ``owner`` and record it (config-key NOOUT_OWNER_KEY), both verified.
@@ -351,14 +357,19 @@ class CephCli:
         if not verdict.ok:
             raise CephFlagError(verdict.reason)
         if not own:
-            self.set_flag("noout")
+            self.run("osd", "set", "noout")
         owner = owner if owner.set_at else NooutOwner(
             owner.flow, owner.flow_run_id, owner.cluster, owner.node, datetime.now(UTC).isoformat(timespec="seconds"))
         try:
             self.run("config-key", "set", ceph_gate.NOOUT_OWNER_KEY, owner.to_json())
-            recorded = self.noout_record()
         except CephError:
-            recorded = None
+            pass  # seen below, as a missing record
+        flags, recorded = self._flags_and_record()
+        if "noout" not in flags:
+            raise CephFlagError(
+                f"cluster flag 'noout': expected it set after `ceph osd set noout`, but the OSD map flags are "
+                f"{','.join(sorted(flags)) or '(none)'}; check `ceph osd dump | grep flags` and set it by hand"
+            )
         if recorded is None or ceph_gate.parse_noout_owner(recorded) != owner:
             # Unrecorded, the next run could not tell this noout from an operator's: take it back.
             if not own:
@@ -373,9 +384,14 @@ class CephCli:
     def unset_noout(self) -> None:
         """Unset noout and remove its owner record, both verified: a record left behind would claim
         the next noout, whoever sets it."""
-        self.unset_flag("noout")
+        self.run("osd", "unset", "noout")
         self.run("config-key", "rm", ceph_gate.NOOUT_OWNER_KEY)
-        left = self.noout_record()
+        flags, left = self._flags_and_record()
+        if "noout" in flags:
+            raise CephFlagError(
+                f"cluster flag 'noout': expected it unset after `ceph osd unset noout`, but the OSD map flags are "
+                f"{','.join(sorted(flags))}; check `ceph osd dump | grep flags` and unset it by hand"
+            )
         if left is not None:
             raise CephFlagError(
                 f"noout is unset, but its owner record {ceph_gate.NOOUT_OWNER_KEY} is still there ({left[:120]!r}) "

@@ -355,6 +355,7 @@ def reconcile(kube: kubeapi.Kube, kind: str, namespace: str, name: str, deadline
                         result(obj, False, "suspended"))
     next_step = (f"look at `flux get {fk.cli} {name} -n {namespace}` and the controller's logs, "
                  f"then run the reconcile again with a longer timeout")
+    rounds = 0
     while True:
         # Answers to requests made before ours do not count: neither what was handled before, nor the
         # request that may still be in flight.
@@ -376,8 +377,15 @@ def reconcile(kube: kubeapi.Kube, kind: str, namespace: str, name: str, deadline
             raise ReconcileFailed(f"{label} reconciliation failed: '{message}'", result(obj, False, message))
         # DependencyNotReady: the controller looks again after --requeue-dependency (30 s); waiting for
         # the dependencies and asking again is sooner, and a dependency that failed is reported now.
+        looked = time.monotonic()
         waited += _wait_for_dependencies(kube, obj, deadline, label)
         force = reset = False  # a force or reset token is handled once, even when the attempt waited
+        if time.monotonic() - looked < 0.05:
+            # The dependencies already looked ready to us, not to the controller (a check it makes that
+            # we do not): ask again, but not in a tight loop.
+            pause = min(2.0, 0.2 * 2 ** min(rounds, 4))
+            rounds += 1
+            time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
 
 
 def _wait_for_dependencies(kube: kubeapi.Kube, obj: Mapping[str, Any], deadline: float, label: str) -> list[str]:

@@ -48,6 +48,8 @@ DEFAULT_TIMEOUT_S = 30.0
 _BACKOFF_MIN_S, _BACKOFF_MAX_S = 0.1, 2.0
 # An attempt that could not even start before the deadline is not made.
 _MIN_ATTEMPT_S = 0.05
+# The annotation Talos puts on a Node it cordons for an upgrade (pkg/machinery/constants AnnotationCordonedKey).
+TALOS_CORDONED = "talos.dev/cordoned"
 
 
 class KubeError(Exception):
@@ -117,6 +119,8 @@ def node_view(obj: Mapping[str, Any]) -> NodeView:
         kubelet_version=info.get("kubeletVersion") or "",
         resource_version=str(meta.get("resourceVersion") or ""),
         ready_reason="" if ready.get("status") == "True" else str(ready.get("reason") or "no Ready condition"),
+        boot_id=str(info.get("bootID") or ""),
+        talos_cordoned=TALOS_CORDONED in (meta.get("annotations") or {}),
     )
 
 
@@ -437,9 +441,14 @@ class Kube:
         return node_view(self.get_object("", "v1", "nodes", None, name, timeout_s=timeout_s))
 
     def uncordon(self, name: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> NodeView:
-        """Mark the Node schedulable and confirm it by reading it back (both within ``timeout_s``)."""
+        """Mark the Node schedulable and confirm it by reading it back (both within ``timeout_s``).
+
+        Talos's `talos.dev/cordoned` goes with the cordon: Talos lifts only a cordon so marked, so a mark left
+        behind would make it lift a cordon someone sets later (talos v1.11.5
+        internal/app/machined/pkg/controllers/k8s/node_apply.go ApplyCordoned)."""
         deadline = time.monotonic() + timeout_s
-        self.merge_patch("", "v1", "nodes", None, name, {"spec": {"unschedulable": False}}, deadline=deadline)
+        patch = {"spec": {"unschedulable": False}, "metadata": {"annotations": {TALOS_CORDONED: None}}}
+        self.merge_patch("", "v1", "nodes", None, name, patch, deadline=deadline)
         view = node_view(self.get_object("", "v1", "nodes", None, name, deadline=deadline))
         if view.unschedulable:
             raise KubeError(f"Node {name}: still cordoned after the uncordon patch (spec.unschedulable is true); "

@@ -56,6 +56,15 @@ class LockLost(LockError):
     """This run no longer holds the lock (or cannot prove it in time): it must not act again."""
 
 
+def _transient(error: BaseException) -> bool:
+    """An answer a retry can change: no connection, a timeout, 429 or a 5xx (a busy database)."""
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    if isinstance(error, PrefectHTTPStatusError):
+        return error.response.status_code == 429 or error.response.status_code >= 500
+    return isinstance(error, httpx.HTTPError | OSError)
+
+
 def fix_command(name: str = LOCK_NAME) -> str:
     return f"`homelab setup` (or `prefect gcl update {name} --enable --limit 1`)"
 
@@ -223,14 +232,27 @@ class DisruptionLock:
     # -- the holder's side --
 
     def acquire(self, timeout_s: float) -> None:
+        """Take the slot, waiting up to timeout_s while another run holds it or the server cannot answer
+        (a 5xx while its database is busy, a restart, a dropped connection)."""
         deadline = self.clock() + timeout_s
-        check_limit(self._read_limit(create=True), self.name)
+        checked = False
+        last_error = ""
         while True:
-            wait = self._try_acquire()
+            try:
+                if not checked:
+                    check_limit(self._read_limit(create=True), self.name)
+                    checked = True
+                wait = self._try_acquire()
+            except Exception as e:
+                if not _transient(e):
+                    raise
+                last_error, wait = f"{type(e).__name__}: {e}", 1.0
             if wait is None:
                 break
             left = deadline - self.clock()
             if left <= 0:
+                if last_error and not checked:
+                    raise LockBusy(f"the Prefect server did not answer for {timeout_s:g} s ({last_error})")
                 raise LockBusy(f"the global concurrency limit {self.name} stayed taken for {timeout_s:g} s "
                                f"(another disruptive run holds it)")
             self._stop.wait(min(wait, left, 5.0))
@@ -274,8 +296,10 @@ class DisruptionLock:
                 except LockMisconfigured as e:
                     self._lose(f"{e}")
                     continue
-                except (httpx.HTTPError, OSError):
-                    pass  # the renewal just succeeded; the limit's settings are read again next time
+                except Exception as e:
+                    if not _transient(e):
+                        raise
+                    # The renewal just succeeded; the limit's settings are read again next time.
                 break
             self._stop.wait(min(0.5, max(0.0, self._owned_until() - self.clock())))
         self.confirm_ms.append((time.perf_counter() - t0) * 1000)

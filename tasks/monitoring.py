@@ -122,7 +122,7 @@ class MonitoringClient:
         """An instant query's whole answer (status, data or error), for homelab.monitoring.health_verdict."""
         params = {"query": expr}
         if timeout_s:
-            params["timeout"] = f"{max(0.1, timeout_s):.1f}s"
+            params["timeout"] = f"{max(100, int(timeout_s * 1000))}ms"  # a Prometheus duration takes no decimals
         body = self._prometheus("/api/v1/query", params, timeout_s=(timeout_s or self.timeout_s) + 1)
         if not isinstance(body, dict):
             raise MonitoringError(f"Prometheus at {self.prometheus_url}: /api/v1/query answered {_short(str(body))}")

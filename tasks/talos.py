@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from homelab.gates import EtcdMember, EtcdStatus
-from homelab.upgrade import talos_upgrade_argv, upgrade_k8s_argv
+from homelab.upgrade import RunningImage, UpgradeOptions, talos_upgrade_argv, upgrade_k8s_argv
 
 DEFAULT_TIMEOUT_S = 60.0
 # Time talosctl gets beyond its own --timeout / --wait-timeout to report before it is killed.
@@ -244,6 +244,40 @@ def parse_machinestatus(text: str) -> list[MachineStatus]:
     return out
 
 
+def parse_extensions(text: str, nodes: Sequence[str] = ()) -> dict[str, RunningImage]:
+    """``talosctl get extensions -o json``: per node the `schematic` extension's version (the Image Factory
+    schematic ID: siderolabs/image-factory internal/artifacts/schematic.go schematicExtension) and the names
+    of the others (spec is pkg/machinery/extensions Layer: image, metadata{name, version, ...})."""
+    names: dict[str, list[str]] = {}
+    schematic: dict[str, str | None] = {}
+    for obj in iter_json_stream(text):
+        node = str(obj.get("node") or (nodes[0] if len(nodes) == 1 else ""))
+        meta = ((obj.get("spec") or {}).get("metadata")) or {}
+        name = str(meta.get("name") or "")
+        names.setdefault(node, [])
+        schematic.setdefault(node, None)
+        if name == "schematic":
+            schematic[node] = str(meta.get("version") or "") or None
+        elif name:
+            names[node].append(name)
+    # A node that answered with no extension at all prints nothing: it runs none.
+    out = {n: RunningImage(schematic.get(n), tuple(sorted(names.get(n, [])))) for n in names}
+    return out
+
+
+_NODE_ERROR = re.compile(r"^\s*\*\s+(?P<node>[^\s:]+(?::\d+)?):\s(?P<msg>.*)$")
+
+
+def parse_node_errors(stderr: str) -> dict[str, str]:
+    """node -> error from talosctl's multi-error list (`N error(s) occurred:` then `\t* <node>: <error>`)."""
+    out: dict[str, str] = {}
+    for line in (stderr or "").splitlines():
+        m = _NODE_ERROR.match(line)
+        if m:
+            out.setdefault(m.group("node"), m.group("msg").strip())
+    return out
+
+
 def config_diff_changed(text: str) -> bool:
     """``apply-config --dry-run``: True when it printed a "Config diff:" with changes, False for "No changes."."""
     if "No changes." in text:
@@ -313,9 +347,40 @@ class Talosctl:
         return self.argv(*argv[1:])
 
     def run(self, args: Sequence[str], timeout_s: float | None = None, deadline: float | None = None,
-            abort: threading.Event | None = None) -> str:
+            abort: threading.Event | None = None, stderr_sink: list[str] | None = None) -> str:
         """Run ``talosctl <args>``; stdout on success, else a TalosError. When `abort` is set while it
-        runs (the disruption lock's ownership ran out), talosctl is killed and TalosAborted raised."""
+        runs (the disruption lock's ownership ran out), talosctl is killed and TalosAborted raised.
+        `stderr_sink` gets talosctl's stderr (its progress, `--debug`'s console logs), success or not."""
+        stdout, stderr, code, shown = self._exec(args, timeout_s, deadline, abort, stderr_sink)
+        if code != 0:
+            raise self._failure(shown, code, stdout, stderr)
+        return stdout
+
+    def run_nodes(self, args: Sequence[str], deadline: float | None = None) -> tuple[str, dict[str, str]]:
+        """A command sent to several nodes: (stdout of the replies that came, node -> error of the others).
+
+        talosctl prints the nodes that answered and collects the others' errors: commands built on
+        FilterMessages (version, etcd members/status) warn `WARNING: N error(s) occurred:` on stderr and exit
+        0 unless every node failed; `get` prints what came and exits 1 (talos v1.11.5
+        pkg/machinery/client/reply.go filterMessages, pkg/cli/output.go Warning, cmd/talosctl/cmd/talos/get.go).
+        A node missing from stdout is a node that did not answer."""
+        stdout, stderr, code, shown = self._exec(args, None, deadline, None, None)
+        errors = parse_node_errors(stderr)
+        if code != 0 and not stdout.strip():
+            raise self._failure(shown, code, stdout, stderr)
+        if code != 0 and not errors:
+            raise self._failure(shown, code, stdout, stderr)
+        return stdout, errors
+
+    @staticmethod
+    def _failure(shown: str, code: int, stdout: str, stderr: str) -> TalosError:
+        tail = last_line(stderr) or last_line(stdout)
+        cls = TalosUnavailable if _UNAVAILABLE.search(stderr or "") else TalosCommandError
+        return cls(f"`{shown}` failed (exit {code}): {tail or 'no error output'}",
+                   command=shown, returncode=code, stderr_tail=tail)
+
+    def _exec(self, args: Sequence[str], timeout_s: float | None, deadline: float | None,
+              abort: threading.Event | None, stderr_sink: list[str] | None) -> tuple[str, str, int, str]:
         argv = self.argv(*args)
         shown = shlex.join(["talosctl", *args])
         budget = remaining(deadline, timeout_s if timeout_s is not None else self.timeout_s)
@@ -346,6 +411,8 @@ class Talosctl:
                     if time.monotonic() >= ends:
                         _stop(proc)
                         _, err = proc.communicate()
+                        if stderr_sink is not None and err:
+                            stderr_sink.append(err)
                         tail = last_line(err or "")
                         raise TalosTimeout(f"`{shown}` did not finish within {budget:.0f}s"
                                            + (f"; last: {tail}" if tail else ""), command=shown,
@@ -354,19 +421,16 @@ class Talosctl:
             if proc.poll() is None:  # interrupted (a signal, a cancel): never leave talosctl behind
                 _stop(proc)
             raise
-        if proc.returncode != 0:
-            tail = last_line(stderr) or last_line(stdout)
-            cls = TalosUnavailable if _UNAVAILABLE.search(stderr or "") else TalosCommandError
-            raise cls(f"`{shown}` failed (exit {proc.returncode}): {tail or 'no error output'}",
-                      command=shown, returncode=proc.returncode, stderr_tail=tail)
-        return stdout
+        if stderr_sink is not None and stderr:
+            stderr_sink.append(stderr)
+        return stdout, stderr, proc.returncode, shown
 
     # -- reads --
 
     def version(self, nodes: Sequence[str], deadline: float | None = None) -> dict[str, str]:
-        """node -> Talos tag each node's server reports."""
-        out = parse_version_output(self.run(["version", "--nodes", ",".join(nodes), "--json"], deadline=deadline),
-                                   nodes)
+        """node -> Talos tag each node's server reports; a node that did not answer is missing."""
+        stdout, _ = self.run_nodes(["version", "--nodes", ",".join(nodes), "--json"], deadline=deadline)
+        out = parse_version_output(stdout, nodes)
         # apid names each reply by the address it was sent to (--nodes); a reply named otherwise
         # (the machine's hostname) can still be attributed when only one node was asked.
         if len(nodes) == 1 and len(out) == 1 and nodes[0] not in out:
@@ -377,7 +441,35 @@ class Talosctl:
         return parse_etcd_members(self.run(["etcd", "members", "--nodes", node], deadline=deadline))
 
     def etcd_status(self, nodes: Sequence[str], deadline: float | None = None) -> list[EtcdStatus]:
-        return parse_etcd_status(self.run(["etcd", "status", "--nodes", ",".join(nodes)], deadline=deadline))
+        """A row per member that answered; the etcd gate names the members without one."""
+        stdout, _ = self.run_nodes(["etcd", "status", "--nodes", ",".join(nodes)], deadline=deadline)
+        return parse_etcd_status(stdout)
+
+    def etcd_state(self, node: str, deadline: float | None = None) -> str:
+        """"running" when the node's etcd answers `etcd status`, "stopped" when machined answers but etcd's
+        port does not (the upgrade sequence stopped it), else TalosUnavailable (the node does not answer)."""
+        try:
+            self.run(["etcd", "status", "--nodes", node], deadline=deadline)
+        except TalosError as e:
+            if ":2379" in str(e) or "etcd is not running" in str(e):
+                return "stopped"
+            raise
+        return "running"
+
+    def boot_id(self, node: str, deadline: float | None = None) -> str:
+        """The kernel's boot ID, as talosctl's action tracker reads it to tell that a node rebooted
+        (cmd/talosctl/pkg/talos/action/tracker.go getBootID: /proc/sys/kernel/random/boot_id)."""
+        text = self.run(["read", "--nodes", node, "/proc/sys/kernel/random/boot_id"], deadline=deadline).strip()
+        if not re.fullmatch(r"[0-9a-f-]{36}", text):
+            raise TalosOutputError(f"talosctl read boot_id --nodes {node}: not a boot ID: {text[:80]!r}")
+        return text
+
+    def running_images(self, nodes: Sequence[str], deadline: float | None = None) -> dict[str, RunningImage]:
+        """node -> the schematic and extensions it runs (`get extensions`); a node that did not answer is
+        missing. Without node names in the reply (one node, no apid proxy) the only node asked is meant."""
+        stdout, _ = self.run_nodes(["get", "extensions", "--nodes", ",".join(nodes), "-o", "json"],
+                                   deadline=deadline)
+        return parse_extensions(stdout, nodes)
 
     def machinestatus(self, node: str, deadline: float | None = None) -> MachineStatus:
         items = parse_machinestatus(self.run(["get", "machinestatus", "--nodes", node, "-o", "json"],
@@ -399,10 +491,10 @@ class Talosctl:
     # -- changes --
 
     def upgrade(self, node_ip: str, image: str, timeout_s: float, force: bool = False,
-                deadline: float | None = None) -> str:
+                deadline: float | None = None, options: UpgradeOptions = UpgradeOptions()) -> str:
         """``talosctl upgrade --wait``: returns once the node is back with a new boot ID."""
         t = max(1, int(remaining(deadline, timeout_s)))
-        argv = talos_upgrade_argv(self.path, node_ip, image, t, force)
+        argv = talos_upgrade_argv(self.path, node_ip, image, t, force, options)
         return self.run(argv[1:], timeout_s=t + GRACE_S,
                         deadline=None if deadline is None else deadline + GRACE_S)
 

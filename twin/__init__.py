@@ -75,6 +75,7 @@ class Twin:
         self.kube: dict[str, Any] = {}
         self.stores: dict[str, Any] = {}
         self.proxmox: Any = None
+        self.image_factory: Any = None
         self.ceph: Any = None
         self.git: Any = None
         self.control: Any = None
@@ -142,6 +143,11 @@ class Twin:
         self.git.init(self.tree_src)
         if self.proxmox is not None:
             self._own_proxmox_tree()
+        from twin.image_factory import ImageFactory
+        self.image_factory = ImageFactory(self.world)
+        self._parts.append(self.image_factory)
+        self.image_factory.start()
+        self._own_factory_tree()
         revision = self.git.revision()
 
         for name, cluster in self.world.clusters.items():
@@ -434,6 +440,31 @@ class Twin:
                 changed = True
         if changed:
             self.git.commit_all("twin: the simulated Proxmox endpoint and the twin's own SOPS key")
+
+    def _own_factory_tree(self) -> None:
+        """The twin's copy of each talconfig.yaml names the twin's Image Factory in `imageFactory` (talhelper's
+        settings: registryURL, protocol), so that the flows register schematics with it, on loopback, exactly
+        as they would with factory.talos.dev, and the installer images they plan are the twin factory's."""
+        import re as _re
+
+        from homelab.config import talconfig_path
+        changed = False
+        for name, c in self.tree.clusters.items():
+            if c.talconfig is None:
+                continue
+            path = talconfig_path(self.git.tree, name)
+            if not path.exists():
+                continue
+            text = path.read_text()
+            # Drop an imageFactory block the tree has (the key and its indented lines), then name the twin's.
+            text = _re.sub(r"(?m)^imageFactory:[^\n]*\n(?:[ \t]+[^\n]*\n|[ \t]*\n)*", "", text)
+            text = text.rstrip("\n") + (f"\n\n# The simulated homelab's own Image Factory (this copy of the tree only).\n"
+                                        f"imageFactory:\n  registryURL: {self.image_factory.registry}\n"
+                                        f"  protocol: http\n")
+            path.write_text(text)
+            changed = True
+        if changed:
+            self.git.commit_all("twin: the simulated Image Factory")
 
     def dhcp_lease(self, mac: str) -> str:
         """The address the homelab's DHCP server hands a VM booting into maintenance mode: one per MAC, from

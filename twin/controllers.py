@@ -98,6 +98,7 @@ def get_condition(obj: dict[str, Any], ctype: str) -> dict[str, Any] | None:
 
 
 UNREACHABLE_TAINTS = ("NoSchedule", "NoExecute")
+TALOS_CORDONED = "talos.dev/cordoned"
 SILENT = "Kubelet stopped posting node status."
 
 
@@ -110,7 +111,8 @@ def node_object(n: Node, existing: dict[str, Any] | None = None, unreachable: bo
     (kubernetes pkg/controller/nodelifecycle/node_lifecycle_controller.go tryUpdateNodeHealth,
     "Kubelet stopped posting node status."). A reboot shorter than the grace period never shows NotReady.
     """
-    up = n.phase == "running"
+    # A node up but for its kubelet (an upgrade sequence stopped it and then failed) posts nothing either.
+    up = n.phase == "running" and n.kubelet_up
     silent = not up and (existing is None or unreachable)  # the controller has given up on the kubelet
     if not up and not silent:
         last = dict((existing or {}).get("status") or {})
@@ -160,7 +162,14 @@ def node_object(n: Node, existing: dict[str, Any] | None = None, unreachable: bo
     meta: dict[str, Any] = dict((existing or {}).get("metadata") or {})
     meta["name"] = n.hostname
     meta["labels"] = {**(meta.get("labels") or {}), **labels}
-    meta.setdefault("annotations", {})["talos.dev/owned-labels"] = "[]"
+    annotations = meta.setdefault("annotations", {})
+    annotations["talos.dev/owned-labels"] = "[]"
+    # Talos marks the cordon it makes for an upgrade and lifts only a cordon so marked (talos v1.11.5
+    # internal/app/machined/pkg/controllers/k8s/node_apply.go ApplyCordoned).
+    if n.talos_cordoned:
+        annotations[TALOS_CORDONED] = "true"
+    else:
+        annotations.pop(TALOS_CORDONED, None)
     spec: dict[str, Any] = dict((existing or {}).get("spec") or {})
     spec.setdefault("podCIDR", f"10.244.{int(n.ip.rsplit('.', 1)[1]) % 256}.0/24")
     taints = []
@@ -197,7 +206,7 @@ class NodeLifecycle:
         self.world, self.stores, self.servers, self.loop = world, stores, servers, loop
         self._pending = False
         self._lock = threading.Lock()
-        self._written: dict[tuple[str, str], bool] = {}
+        self._written: dict[tuple[str, str], tuple[bool, bool]] = {}
         self._unsubs: list[Callable[[], None]] = []
         # (cluster, host) -> when its kubelet stopped posting (the node went down).
         self._silent_since: dict[tuple[str, str], float] = {}
@@ -226,11 +235,18 @@ class NodeLifecycle:
         with self.world.lock:
             snapshot = {name: (c.bootstrapped, [Node(**vars(n)) for n in c.nodes.values()])
                         for name, c in self.world.clusters.items()}
+            snapshot_endpoints = {name: c.api_endpoint for name, c in self.world.clusters.items()}
         for cluster, (bootstrapped, nodes) in snapshot.items():
             store = self.stores.get(cluster)
             if store is None:
                 continue
-            cp_up = any(n.role == "controlplane" and n.talos_up and n.etcd_running for n in nodes)
+            # The API answers from outside through the endpoint's address: with no VIP that is one node, whose
+            # kube-apiserver talks to its own etcd (Talos points it at localhost:2379), so the API is gone
+            # while that node reboots or its etcd is stopped. With a VIP (or a load balancer) any control
+            # plane serves it. (talos v1.11.5 docs, "Production Clusters": the endpoint must stay reachable.)
+            endpoint = snapshot_endpoints.get(cluster)
+            cp_up = any(n.role == "controlplane" and n.talos_up and n.etcd_running and n.kubelet_up
+                        and (endpoint is None or n.hostname == endpoint) for n in nodes)
             server = self.servers.get(cluster)
             if server is not None and server.available != (bootstrapped and cp_up):
                 server.available = bootstrapped and cp_up
@@ -255,7 +271,7 @@ class NodeLifecycle:
                 unreachable = (key in self._silent_since and time.monotonic() - self._silent_since[key]
                                >= self.world.knobs.node_monitor_grace_seconds)
                 want = node_object(n, existing, unreachable=unreachable)
-                self._written[(cluster, n.hostname)] = n.unschedulable
+                self._written[(cluster, n.hostname)] = (n.unschedulable, n.talos_cordoned)
                 if existing is None:
                     store.create(want)
                 elif not _same_node(existing, want):
@@ -268,15 +284,18 @@ class NodeLifecycle:
     def _on_node_event(self, cluster: str, ev: str, obj: dict[str, Any]) -> None:
         if obj.get("kind") != "Node" or ev != "MODIFIED":
             return
-        host = (obj.get("metadata") or {}).get("name", "")
-        value = bool((obj.get("spec") or {}).get("unschedulable"))
-        # Our own writes echo back with the value we wrote; anything else is `kubectl cordon`/`uncordon`.
+        meta = obj.get("metadata") or {}
+        host = meta.get("name", "")
+        value = (bool((obj.get("spec") or {}).get("unschedulable")),
+                 TALOS_CORDONED in (meta.get("annotations") or {}))
+        # Our own writes echo back with the values we wrote; anything else is `kubectl cordon`/`uncordon` (or an
+        # annotation someone removed).
         if self._written.get((cluster, host)) == value:
             return
         self._written[(cluster, host)] = value
         n = self.world.node(host)
-        if n is not None and n.unschedulable != value:
-            self.world.update(n, unschedulable=value)
+        if n is not None and (n.unschedulable, n.talos_cordoned) != value:
+            self.world.update(n, unschedulable=value[0], talos_cordoned=value[1])
 
 
 # --- Flux ------------------------------------------------------------------------------------
@@ -512,7 +531,8 @@ class Flux:
         ref_kind, ref_ns = ref.get("kind") or "GitRepository", ref.get("namespace") or ns
         src = self.store.get(SRC_API, ref_kind, ref_ns, ref.get("name", "")) if ref_kind in SOURCE_KINDS else None
         if src is None:
-            plural = f"{ref_kind.lower()}s"
+            plural = {"GitRepository": "gitrepositories", "OCIRepository": "ocirepositories",
+                      "Bucket": "buckets", "ExternalArtifact": "externalartifacts"}.get(ref_kind, ref_kind.lower())
             self._write(key, not_ready("ArtifactFailed", f'{plural}.source.toolkit.fluxcd.io "{ref.get("name")}" '
                                                          "not found"))
             self._done(key, retry)
@@ -666,8 +686,10 @@ class Flux:
             dst = (dep or {}).get("status") or {}
             if dep is None or dep["metadata"].get("generation") != dst.get("observedGeneration") \
                     or (get_condition(dep, "Ready") or {}).get("status") != "True":
-                waiting = condition("Ready", "False", "DependencyNotReady", f"dependency '{dns}/{dname}' is not ready",
-                                    gen)
+                # helm-controller checkDependencies, in its words
+                text = (f"unable to get '{dns}/{dname}' dependency: helmreleases.helm.toolkit.fluxcd.io "
+                        f'"{dname}" not found') if dep is None else f"dependency '{dns}/{dname}' is not ready"
+                waiting = condition("Ready", "False", "DependencyNotReady", text, gen)
 
                 def not_ready(st: dict[str, Any], conds: list[dict[str, Any]],
                               waiting: dict[str, Any] = waiting) -> Any:
@@ -726,15 +748,6 @@ class Flux:
             self._done(key)
         self.loop.call_later(self._delay(name), finish)
         return True
-
-
-def dependency_ready(dep: dict[str, Any], source_revision: str | None) -> bool:
-    """kustomize-controller's test: current generation, Ready=True, applied the source's revision."""
-    st = dep.get("status") or {}
-    ready = get_condition(dep, "Ready") or {}
-    return (st.get("observedGeneration") == dep["metadata"].get("generation")
-            and ready.get("status") == "True"
-            and (source_revision is None or st.get("lastAppliedRevision") == source_revision))
 
 
 def source_revision(kind: str, obj: dict[str, Any], git: GitRepo) -> str:

@@ -2,7 +2,10 @@
 
 `KubeStore` holds the objects of one cluster (resourceVersion, generation, status subresource
 semantics, in-process subscribers); `KubeApiServer` serves it over HTTP to the official
-`kubernetes` client and to `kubectl` (discovery, CRUD, patch, /status, selectors, watch).
+`kubernetes` client and to `kubectl` (discovery, CRUD, patch, /status, selectors, watch). It refuses
+what kube-apiserver refuses (field selectors a kind does not index, unconditional updates of custom
+resources) and misbehaves as networks and loaded servers do when asked (kube-flaky, kube-throttle,
+kube-blackhole, watch-504); docs/twin.md lists each behaviour with its source.
 """
 
 from __future__ import annotations

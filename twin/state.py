@@ -23,6 +23,9 @@ PRE_UPGRADE_KUBELET = "v1.32.0"
 FAULTS: dict[str, str] = {
     "node-never-ready": "host",
     "upgrade-fails": "host",
+    "upgrade-falls-back": "host",
+    "upgrade-slow": "host",
+    "static-pod-missing": "host",
     "ceph-stuck": "none",
     "not-ok-to-stop": "host",
     "etcd-unhealthy": "host",
@@ -57,6 +60,10 @@ class Knobs:
     watch_504_seconds: float = 3.0
     # Reconcile times of single Flux objects by name, overriding flux_delay_seconds (a slow dependency).
     flux_delays: tuple[tuple[str, float], ...] = ()
+    # How long after an upgraded node is Ready again Talos itself uncordons it (machined's NodeApply
+    # controller, once the node's stage is running and it reaches the API: talos v1.11.5
+    # internal/app/machined/pkg/controllers/k8s/node_apply.go ApplyCordoned).
+    talos_uncordon_seconds: float = 0.0
 
 
 def parse_fault(text: str, arg: str | None = None) -> tuple[str, str | None]:
@@ -164,6 +171,16 @@ class Node:
     dhcp_ip: str = ""  # the DHCP lease of a VM booted into maintenance mode (its static ip comes with the config)
     disk: str = "/dev/sda"  # the VM's boot disk as Talos sees it (virtio-blk: /dev/vda)
     booted_at: float = 0.0  # monotonic time of the last boot into the installed Talos
+    kubelet_up: bool = True  # the kubelet runs and posts the Node's status (stopped by an upgrade sequence)
+    # The machine stage `get machinestatus` reports when it is not the one the phase implies: "rebooting"
+    # after a failed upgrade sequence that left the node up (talos v1.11.5
+    # internal/app/machined/pkg/controllers/runtime/machine_status.go: a FATAL sequence error -> rebooting).
+    stage: str = ""
+    talos_cordoned: bool = False  # the Node carries talos.dev/cordoned: Talos cordoned it for an upgrade
+    schematic_id: str = ""  # the "schematic" extension's version; empty for an image not from an Image Factory
+    extensions: tuple[str, ...] = ()  # names of the system extensions the running image carries
+    control_plane_version: str = ""  # the Kubernetes version of its kube-apiserver/-controller-manager/-scheduler pods
+    static_pods_missing: tuple[str, ...] = ()  # control-plane static pods that did not start on this boot
 
     @property
     def disrupted(self) -> bool:
@@ -184,6 +201,10 @@ class ClusterState:
     kubernetes_version: str = PRE_UPGRADE_KUBELET
     cni_ready: bool = True  # a CNI runs (no CNI: every Node NotReady, CoreDNS Pending)
     coredns_problem: str | None = None  # why CoreDNS cannot get ready although a CNI runs
+    # The node whose address is the cluster's API endpoint (talconfig `endpoint`, cluster.yaml
+    # `cluster.endpoint`): without a VIP or load balancer in front, the API answers from outside only while
+    # that node's kube-apiserver runs. None: the endpoint is a VIP (or a name), served by any control plane.
+    api_endpoint: str | None = None
 
     def control_planes(self) -> list[Node]:
         return [n for n in self.nodes.values() if n.role == "controlplane"]
@@ -282,6 +303,8 @@ class World:
         self.power_hooks: list[Callable[[str, str, bool], None]] = []
         self._threads: list[threading.Thread] = []
         self._seen_up: set[tuple[str, str]] = set()
+        # The schematics the Image Factory knows (twin.image_factory serves them): ID -> schematic.
+        self.schematics: dict[str, dict[str, Any]] = {}
 
     # --- lookups ---------------------------------------------------------------------------
 
@@ -408,17 +431,23 @@ def seed_world(world: World, tree: Any, state: str) -> None:
                 kubelet = tal.kubernetes_version if synced else PRE_UPGRADE_KUBELET
                 for tn in tal.nodes:
                     role: Literal["controlplane", "worker"] = "controlplane" if tn.control_plane else "worker"
+                    schematic_id, extensions = _image_contents(world, tal.schematic_for(tn), tn.talos_image_url or (
+                        (tal.control_plane if tn.control_plane else tal.worker) or _NoSection).talos_image_url)
                     nodes[tn.hostname] = Node(
                         cluster=name, hostname=tn.hostname, ip=tn.ip, role=role,
                         talos_version=version, kubelet_version=_v(kubelet),
                         installer_image=tal.installer_for(tn, version),
                         etcd_member_id=new_member_id() if role == "controlplane" else "",
                         etcd_running=role == "controlplane",
+                        schematic_id=schematic_id, extensions=extensions,
+                        control_plane_version=_v(kubelet) if role == "controlplane" else "",
                     )
                 world.clusters[name] = ClusterState(name, nodes, bootstrapped=True, ceph=True,
-                                                    kubernetes_version=_v(kubelet))
+                                                    kubernetes_version=_v(kubelet),
+                                                    api_endpoint=_endpoint_node(tal.endpoint, tal.nodes))
             elif c.proxmox is not None:
                 px = c.proxmox
+                schematic_id, extensions = _image_contents(world, px.cluster.schematic, px.cluster.talos_image_url)
                 for vm in px.vms:
                     nodes[vm.name] = Node(
                         cluster=name, hostname=vm.name, ip=vm.ip, role=vm.role,
@@ -427,15 +456,57 @@ def seed_world(world: World, tree: Any, state: str) -> None:
                         phase="running" if synced else "off", ready=synced, installed=synced,
                         etcd_member_id=new_member_id() if synced and vm.role == "controlplane" else "",
                         etcd_running=synced and vm.role == "controlplane",
+                        schematic_id=schematic_id, extensions=extensions,
+                        control_plane_version=_v(px.cluster.kubernetes_version) if vm.role == "controlplane" else "",
                     )
                 world.clusters[name] = ClusterState(name, nodes, bootstrapped=synced, ceph=False,
                                                     kubernetes_version=_v(px.cluster.kubernetes_version),
-                                                    cni_ready=synced)
+                                                    cni_ready=synced,
+                                                    api_endpoint=_endpoint_node(px.cluster.endpoint, px.vms))
         world.changed()
 
 
 def _v(version: str) -> str:
     return version if version.startswith("v") else f"v{version}"
+
+
+class _NoSection:
+    talos_image_url = None
+
+
+def extension_names(schematic: dict[str, Any] | None) -> tuple[str, ...]:
+    """The names the running extensions report for a schematic's official extensions: the manifest name of
+    `siderolabs/i915` is `i915` (siderolabs/extensions, each extension's manifest.yaml)."""
+    customization = (schematic or {}).get("customization") or {}
+    official = ((customization.get("systemExtensions") or {}).get("officialExtensions")) or []
+    return tuple(sorted(str(e).rsplit("/", 1)[-1] for e in official))
+
+
+def _image_contents(world: World, schematic: dict[str, Any] | None, image_url: str | None) -> tuple[str, tuple[str, ...]]:
+    """(schematic ID, extension names) of the image a node was installed from. An Image Factory image carries
+    the virtual extension `schematic` whose version is the schematic ID (siderolabs/image-factory
+    internal/artifacts/schematic.go schematicExtension); the stock installer and a talosImageURL build carry
+    none the twin could know. The factory knows every schematic a node runs: it was registered to build it."""
+    from homelab.versions import schematic_id
+
+    if image_url or schematic is None:
+        return "", ()
+    sid = schematic_id(schematic)
+    world.schematics.setdefault(sid, schematic)
+    return sid, (*extension_names(schematic), "schematic")
+
+
+def _endpoint_node(endpoint: str, nodes: Iterable[Any]) -> str | None:
+    """The hostname of the node whose address the API endpoint names; None when no node has it (a VIP, a
+    load balancer or a DNS name: any control plane serves it)."""
+    from urllib.parse import urlsplit
+
+    host = (urlsplit(endpoint).hostname or "").strip("[]")
+    for n in nodes:
+        ips = getattr(n, "ips", None) or [getattr(n, "ip", "")]
+        if host in ips:
+            return str(getattr(n, "hostname", None) or n.name)
+    return None
 
 
 def all_nodes(world: World, cluster: str | None = None) -> Iterable[Node]:

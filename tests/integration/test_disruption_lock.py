@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from datetime import datetime
@@ -32,77 +30,6 @@ LOCK = "homelab-disruption"
 
 
 # --- the world around the runs ------------------------------------------------------------------
-
-
-class TcpProxy:
-    """A loopback TCP proxy in front of the Prefect server whose cable can be pulled: `cut()` resets
-    every connection and refuses new ones; `restore()` listens again on the same port."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = 0
-        self._listener: socket.socket | None = None
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api"
-
-    def start(self) -> TcpProxy:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(64)
-        self.port = listener.getsockname()[1]
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True, name="test-proxy").start()
-        return self
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def cut(self) -> None:
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for s in conns:
-            try:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-                s.close()  # linger 0: a reset, as a dropped connection looks to the client
-            except OSError:
-                pass
-
-    def restore(self) -> None:
-        self.start()
 
 
 def save_block(t: Any) -> str:
@@ -189,12 +116,15 @@ def finish(proc: subprocess.Popen[str], timeout: float) -> tuple[int, str, str]:
 
 
 def test_a_holder_cut_off_from_the_server_stops_acting_before_anyone_else_gets_the_lock(
-        twin, prefect_server, prefect_api_url):
+        twin, prefect_server, prefect_api_url, tcp_proxy):
     timing = LeaseTiming()
-    # m720q-1's reboot outlasts the holder's ownership: `talosctl upgrade --wait` is still in flight.
-    t = twin(reboot_seconds=70, recovery_seconds=0.2)
+    # m720q-1's reboot outlasts the holder's ownership (40 s after its last renewal, at most 40 s after
+    # the cut), so `talosctl upgrade --wait` is still in flight then; and it ends before the server can
+    # hand the slot on (60 s after that renewal, at least 50 s after the cut), so the second run finds
+    # the node back at the target.
+    t = twin(reboot_seconds=45, recovery_seconds=0.2)
     block = save_block(t)
-    proxy = TcpProxy(prefect_server.port).start()
+    proxy = tcp_proxy(prefect_server.port)
     a = start_upgrade(block, proxy.url)
     try:
         wait_for_upgrade(t, a)

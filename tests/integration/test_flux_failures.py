@@ -273,3 +273,17 @@ def test_force_without_a_helmrelease_is_a_usage_error() -> None:
     with pytest.raises(typer.Exit) as e:
         cli(["smokeping"], False, False, "default", "m720q", False, "pre-upgrade", [], True, force=True)
     assert e.value.exit_code == 2
+
+
+def test_homelab_reconcile_forces_a_helmrelease_and_takes_the_new_faults_without_an_argument(
+        prefect_api_url: str) -> None:
+    from tests.integration.test_cli import homelab, last_json
+
+    out = homelab("reconcile", "--helmrelease", "kube-system/cilium", "--force", "--twin", "--fault", "kube-throttle",
+                  "--fault", "watch-504", "--json", api_url=prefect_api_url)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = last_json(out.stdout)
+    assert result["kustomizations"] == [] and [r["name"] for r in result["helmreleases"]] == ["cilium"]
+    [release] = result["helmreleases"]
+    assert release["ready"] and release["revision"].startswith("cilium@")
+    assert [r["kind"] for r in result["sources"]] == ["HelmRepository", "HelmChart"]

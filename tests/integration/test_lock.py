@@ -80,3 +80,26 @@ def test_a_lost_lock_kills_the_talosctl_call_in_flight_and_what_it_started(tmp_p
     time.sleep(3.5)
     assert not marker.exists(), "a process talosctl started outlived the kill"
     assert os.path.exists(fake)
+
+
+def test_acquiring_waits_out_a_server_that_drops_connections_within_its_deadline(prefect_server, tcp_proxy) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    name = f"lock-test-{time.monotonic_ns()}"
+    fresh_limit(name)
+    proxy = tcp_proxy(prefect_server.port)
+    proxy.cut()
+    threading.Timer(2.0, proxy.restore).start()
+    with temporary_settings({PREFECT_API_URL: proxy.url}):
+        lock = DisruptionLock(name)
+        began = time.monotonic()
+        lock.acquire(30)
+        try:
+            assert time.monotonic() - began >= 1.5  # it waited for the server rather than failing
+            lock.confirm("a step after the outage")
+        finally:
+            lock.release()
+    with temporary_settings({PREFECT_API_URL: proxy.url}):
+        proxy.cut()  # and a server that never comes back is a clear refusal at the deadline
+        with pytest.raises(LockBusy, match="did not answer"):
+            DisruptionLock(name).acquire(2)

@@ -236,6 +236,77 @@ def test_cli_receiver_starts_from_the_environment_and_refuses_replays_after_a_re
     assert len(wait_for_events(prefect_api_url, f"git.repo.{repository}", 1)) == 1
 
 
+# --- the flow behind the trigger trusts the event no more than the receiver does ------------------------
+
+
+def _push_flow(**params: Any) -> tuple[str, dict[str, Any]]:
+    from flows.git_push import GitPushFailed, git_push
+
+    state = git_push(return_state=True, **params)
+    if state.is_completed():
+        return "completed", state.result()
+    exc = state.result(raise_on_failure=False)
+    assert isinstance(exc, GitPushFailed), exc
+    return "failed", {**exc.result, "error": str(exc)}
+
+
+def _twin_block(t: Any, name: str) -> str:
+    from twin.register import homelab_block
+
+    homelab_block(t).save(name, overwrite=True)
+    return name
+
+
+def _requested(t: Any, cluster: str) -> set[str]:
+    return {o["metadata"]["name"] for o in t.stores[cluster].list("kustomize.toolkit.fluxcd.io/v1", "Kustomization")
+            if "reconcile.fluxcd.io/requestedAt" in (o["metadata"].get("annotations") or {})}
+
+
+def test_event_of_a_foreign_repository_fails_git_push_and_touches_nothing(twin: Any, prefect_api_url: str) -> None:
+    t = twin(flux_delay_seconds=0.05)
+    block = _twin_block(t, "twin-foreign")
+    before = t.git.head()
+    path = t.git.path / "k8s/apps/base/smokeping/configmap.yaml"
+    path.write_text(path.read_text() + "# changed\n")
+    after = t.git.commit_all("touch smokeping")
+    # As if posted to Prefect directly, past the receiver: a commit that is even in the followed repository.
+    outcome, result = _push_flow(repository="attacker/unrelated-repo", ref="refs/heads/main", before=before,
+                                 after=after, homelab=block)
+    assert outcome == "failed" and "attacker/unrelated-repo is not a repository this homelab follows" in result["error"]
+    assert result["deployments"] == [] and not _requested(t, "m720q")
+
+
+def test_git_push_reads_the_paths_from_its_clone_not_from_the_event(twin: Any, prefect_api_url: str) -> None:
+    t = twin(flux_delay_seconds=0.05)
+    block = _twin_block(t, "twin-paths")
+    before = t.git.head()
+    path = t.git.path / "k8s/justfile"  # in the tree, applied by no Kustomization
+    path.write_text(path.read_text() + "# changed\n")
+    after = t.git.commit_all("touch the justfile")
+    # The event claims a talconfig change (an upgrade) that the commits do not contain.
+    outcome, result = _push_flow(repository="example/homelab", ref="refs/heads/main", before=before, after=after,
+                                 changed_paths=["k8s/clusters/m720q/talos/talconfig.yaml"], homelab=block)
+    assert outcome == "completed", result
+    assert result["changed_paths"] == ["k8s/justfile"]
+    assert result["deployments"] == []  # no upgrade: git says talconfig.yaml did not change
+    assert any("the event listed 1 changed path(s), git 1: git's list is used" in n for n in result["notes"])
+    assert result["reconcile"] == {} and not _requested(t, "m720q")
+
+
+def test_commit_that_is_not_on_the_followed_branch_is_ignored(twin: Any, prefect_api_url: str) -> None:
+    t = twin(flux_delay_seconds=0.05)
+    block = _twin_block(t, "twin-offbranch")
+    head = t.git.head()
+    # A commit of the repository that no branch Flux follows contains (a fork's, another branch's).
+    stray = subprocess.run(["git", "-C", str(t.git.path), "commit-tree", f"{head}^{{tree}}", "-p", head, "-m", "x"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    outcome, result = _push_flow(repository="example/homelab", ref="refs/heads/main", before=head, after=stray,
+                                 homelab=block)
+    assert outcome == "completed" and result["status"] == "ignored"
+    assert f"{stray[:12]} is not on main" in result["reason"]
+    assert not _requested(t, "m720q")
+
+
 # --- hostile clients ----------------------------------------------------------------------------------------
 
 

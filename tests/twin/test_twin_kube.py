@@ -76,14 +76,15 @@ def test_kubectl_sees_nodes_and_cordon_reaches_talos_health(twin):
 
 
 def _follow_reboot(t: Any) -> list[tuple[str, str, str]]:
-    """Upgrade m720q-1 and watch its Node: (Ready status, osImage, bootID) of every event until it is back."""
+    """Upgrade m720q-2 and watch its Node: (Ready status, osImage, bootID) of every event until it is back.
+    Not m720q-1: its address is the cluster's API endpoint (no VIP), so the API is gone while it reboots."""
     from twin import talos
     core = client.CoreV1Api(api(t))
     rv = core.list_node().metadata.resource_version
     seen: list[tuple[str, str, str]] = []
 
     def follow() -> None:
-        for ev in watch.Watch().stream(core.list_node, resource_version=rv, field_selector="metadata.name=m720q-1",
+        for ev in watch.Watch().stream(core.list_node, resource_version=rv, field_selector="metadata.name=m720q-2",
                                        timeout_seconds=5):
             node = ev["object"]
             cond = next(c.status for c in node.status.conditions if c.type == "Ready")
@@ -92,7 +93,7 @@ def _follow_reboot(t: Any) -> list[tuple[str, str, str]]:
                 return
     th = threading.Thread(target=follow)
     th.start()
-    _, err, code = talos.run(t.world, ["-n", "10.42.0.101", "upgrade", "--image", "ghcr.io/siderolabs/installer:v1.11.5"],
+    _, err, code = talos.run(t.world, ["-n", "10.42.0.102", "upgrade", "--image", "ghcr.io/siderolabs/installer:v1.11.5"],
                              {"TALOSCONFIG": str(t.talosconfig)})
     assert code == 0, err
     th.join(5)
@@ -101,7 +102,7 @@ def _follow_reboot(t: Any) -> list[tuple[str, str, str]]:
 
 def test_a_reboot_longer_than_the_grace_period_shows_unknown_then_ready_with_the_new_osimage(twin):
     t = twin(reboot_seconds=0.4, node_monitor_grace_seconds=0.1)
-    boot = t.world.node("m720q-1").boot_id
+    boot = t.world.node("m720q-2").boot_id
     seen = _follow_reboot(t)
     statuses = [s for s, _, _ in seen]
     assert "Unknown" in statuses and seen[-1][:2] == ("True", "Talos (v1.11.5)")
@@ -114,7 +115,7 @@ def test_a_reboot_longer_than_the_grace_period_shows_unknown_then_ready_with_the
 def test_a_reboot_within_the_grace_period_never_shows_the_node_not_ready(twin):
     # node-monitor-grace-period is 50 s: a node that is back sooner only changes bootID and osImage.
     t = twin(reboot_seconds=0.3)
-    boot = t.world.node("m720q-1").boot_id
+    boot = t.world.node("m720q-2").boot_id
     seen = _follow_reboot(t)
     assert {s for s, _, _ in seen} == {"True"}
     assert seen[-1][1:] != ("Talos (v1.11.4)", boot) and seen[-1][2] != boot

@@ -92,12 +92,25 @@ def test_upgrade_refuses_with_exactly_two_etcd_members(twin):
     assert code == 1 and "etcd member count(2) is insufficient to maintain quorum" in err
 
 
-def test_upgrade_fails_fault_boots_back_into_the_old_version(twin):
-    t = twin(faults=["upgrade-fails=m720q-1"])
-    out, err, code = tctl(t, "upgrade", "-n", M1, "--image", IMAGE)
-    assert code == 1 and "failed to install" in err
-    n = t.world.node("m720q-1")
-    assert n.talos_version == "v1.11.4" and n.ready
+def test_upgrade_fails_fault_leaves_the_node_up_cordoned_with_etcd_stopped_until_a_reboot(twin):
+    t = twin(faults=["upgrade-fails=m720q-2"], reboot_seconds=0.3)
+    n = t.world.node("m720q-2")
+    boot = n.boot_id
+    out, err, code = tctl(t, "upgrade", "-n", M2, "--image", IMAGE)
+    assert code == 1
+    assert err.rstrip().endswith('task "upgrade" failed: exit code 1') and "error running phase 9" in err
+    # Nothing rebooted it: the same boot, its old version, cordoned by Talos, kubelet and etcd stopped.
+    assert (n.boot_id, n.talos_version, n.phase) == (boot, "v1.11.4", "running")
+    assert n.unschedulable and n.talos_cordoned and not n.kubelet_up and not n.etcd_running
+    ms = json.loads(tctl(t, "get", "machinestatus", "-n", M2, "-o", "json")[0])
+    assert ms["spec"]["stage"] == "rebooting"
+    out, err, code = tctl(t, "etcd", "status", "-n", M2)
+    assert code == 1 and "127.0.0.1:2379" in err
+    # `talosctl reboot` boots the installed (old) version, and Talos lifts the cordon it made.
+    out, err, code = tctl(t, "reboot", "-n", M2)
+    assert code == 0, err
+    assert (n.talos_version, n.unschedulable, n.talos_cordoned, n.etcd_running) == ("v1.11.4", False, False, True)
+    assert n.boot_id != boot
 
 
 def test_node_never_ready_fault_comes_back_upgraded_but_not_ready(twin):

@@ -505,6 +505,8 @@ def test_clean_gate_refuses_a_muted_mon_down() -> None:
     assert st.health.status == "HEALTH_OK" and st.quorum_names == ("a", "b") and st.num_mons == 3
     v = ceph_gate.cluster_clean(st)
     assert not v.ok and "only 2 of 3 mons in quorum (a,b)" in v.reason
+    assert v.reason.endswith("start the mons that are out of quorum (`ceph quorum_status`; `kubectl -n rook-ceph "
+                             "get pods -l app=rook-ceph-mon`), then run again")
 
 
 def test_mon_ok_to_stop_answers_are_the_real_texts() -> None:
@@ -558,9 +560,9 @@ def test_noout_is_own_only_when_its_record_names_this_flow_and_cluster(record, o
 
 # ---- the CLI wrapper against a stateful fake `ceph` -------------------------------------------
 
-FAKE_CEPH = r'''#!{python}
+FAKE_CEPH = r'''#!{python} -S
 """A `ceph` stand-in with state in files beside it: flags, config-keys, and scripted ok-to-stop replies."""
-import json, pathlib, sys
+import json, os, pathlib, sys
 here = pathlib.Path(sys.argv[0]).parent
 args = [a for a in sys.argv[1:] if a not in ("-f", "json")]
 while args and args[0] == "--connect-timeout":
@@ -570,8 +572,9 @@ real = json.loads(pathlib.Path({samples!r}).read_text())
 def reply(name):
     r = real[name]
     sys.stdout.write(r["stdout"]); sys.stderr.write(r["stderr"]); sys.exit(r["rc"])
-def save():
-    (here / "state.json").write_text(json.dumps(state))
+def save():  # atomically: other calls of the same gate read the state meanwhile
+    tmp = here / ("state.%d.tmp" % os.getpid())
+    tmp.write_text(json.dumps(state)); tmp.replace(here / "state.json")
 cmd = " ".join(args[:2])
 if cmd in ("osd set", "osd unset"):
     flags = set(state["flags"]); (flags.add if args[1] == "set" else flags.discard)(args[2])

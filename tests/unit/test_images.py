@@ -43,6 +43,8 @@ PINS: dict[str, tuple[str, str]] = {
     "rancher/local-path-provisioner": ("v0.0.32", "the chart of the same tag (k8s/infrastructure/local-path)"),
     "busybox": ("1.37.0", "local-path-provisioner's helper"),
     "lscr.io/linuxserver/smokeping": ("2.8.2", "the homelab's own app, as its tree pins it"),
+    "rook/ceph": ("v1.18.7", "the Rook release of k8s/infrastructure/rook-ceph; the flows' Ceph tools pod "
+                             "(k8s/apps/base/prefect-worker/ceph-tools.yaml) runs its toolbox script"),
 }
 # talosctl-linux-amd64 per Talos release, as Sidero's release checksums list it. v1.11.5:
 # siderolabs/homebrew-tap Formula/talosctl.rb at 3dd95f243c44784d395202570e4e29f8f9bc0f1d, the same value
@@ -319,7 +321,7 @@ def _webhook_init() -> tuple[list[str], dict[str, str]]:
 
 def _webhook_env() -> dict[str, str]:
     [d] = [x for x in yaml.safe_load_all(WEBHOOK.read_text()) if x and x["kind"] == "Deployment"]
-    [c] = d["spec"]["template"]["spec"]["containers"]
+    [c] = [c for c in d["spec"]["template"]["spec"]["containers"] if c["name"] == "webhook"]
     return {e["name"]: e.get("value", "") for e in c["env"]}
 
 

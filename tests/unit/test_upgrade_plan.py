@@ -199,7 +199,7 @@ def test_k8s_plan_refuses_target_talos_does_not_support():
     with pytest.raises(PlanRefused, match=r"Talos v1.11 supports Kubernetes v1.29–v1.34, not v1.35.0"):
         plan_kubernetes_upgrade("v1.11.5", {"a": "v1.34.2"}, "v1.35.0")
     with pytest.raises(PlanRefused, match="not in the support table"):
-        plan_kubernetes_upgrade("v1.2.0", {"a": "v1.24.0"}, "v1.24.1")
+        plan_kubernetes_upgrade("v1.1.0", {"a": "v1.24.0"}, "v1.24.1")
 
 
 def test_k8s_plan_skips_when_every_kubelet_is_at_target():

@@ -312,3 +312,16 @@ def test_patch_through_a_symlink_out_of_the_tree_is_refused(tree: Path, tmp_path
     edit_yaml(tree / TALCONFIG, lambda d: d[0]["nodes"][0].update(patches=["@./patches/evil.yaml"]))
     assert any(x.startswith(f"k8s/{TALCONFIG}: nodes[0].patches[0]: patch file ./patches/evil.yaml is outside the tree")
                for x in lines(tree))
+
+
+def test_commands_shown_to_people_are_shell_quoted() -> None:
+    import shlex
+
+    from homelab.upgrade import NodeStep, TalosPlan, rollback_step
+
+    hostile = "fe80::1%$(reboot);id|x`y`"
+    assert shlex.split(rollback_step(hostile)) == ["talosctl", "rollback", "--nodes", hostile]
+    argv = ("talosctl", "upgrade", "--nodes", hostile, "--image", "a b")
+    plan = TalosPlan("m720q", "v2", 600, (NodeStep("n", hostile, True, "v1", "v2", "upgrade", "img", argv),))
+    [row] = plan.to_rows()
+    assert shlex.split(row["command"]) == list(argv)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -135,6 +136,27 @@ def test_parse_silence_reads_every_operator_back():
                                     {"name": "d", "value": "4", "isRegex": True, "isEqual": False}]})
     assert [m.op for m in s.matchers] == ["=", "!=", "=~", "!~"]
     assert s.starts_at == datetime(2025, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
+
+
+def vec(*values: str) -> dict[str, Any]:
+    return {"status": "success", "data": {"resultType": "vector", "result": [
+        {"metric": {"__name__": "ceph_health_status", "i": str(i)}, "value": [1, v]} for i, v in enumerate(values)]}}
+
+
+@pytest.mark.parametrize("expr, body, ok", [
+    ("ceph_health_status == 0", vec("0"), True),  # the comparison kept the series: it holds
+    ("(ceph_health_status == 0)", vec("0"), True),
+    ("ceph_health_status == 0", vec(), False),
+    ("ceph_health_status == bool 0", vec("0"), False),  # bool: the value is the truth
+    ("ceph_health_status == bool 0", vec("1"), True),
+    ('min(up{job="cnpg"}) == 1', vec("1"), True),
+    ('min(up{job="cnpg"})', vec("0"), False),
+    ('max(x{a="=="}) >= bool 2', vec("0"), False),  # operators inside matchers do not count
+    ("sum(rate(x[5m]) > 0)", vec("0"), False),  # a comparison inside a call is not the outermost one
+])
+def test_filtering_comparisons_are_true_when_they_keep_a_series(expr, body, ok):
+    v = health_verdict(HealthQuery(name="q", expr=expr), body)
+    assert v.ok is ok, v.reason
 
 
 @pytest.mark.parametrize("body, ok, words", [
