@@ -44,7 +44,13 @@ def bundled_tree() -> Path:
 
 def quiet_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # Quiet the terminal only: the run's INFO narrative (every task's start and end, each gate's
+    # verdict) still goes to the server, where the UI shows it.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    # Prefect configured its logging when it was imported, before this ran: apply the change.
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging(incremental=True)
 
 
 def prefect_server_configured() -> bool:

@@ -20,6 +20,7 @@ from pydantic import Field
 from flows import kubernetes_upgrade as k8s
 from flows import talos_upgrade as talos
 from flows import window as maintenance
+from flows._names import run_name
 from flows.talos_upgrade import Deadlines, MaintenanceWindow, StepFailed
 from homelab.upgrade import K8sPlan, PlanRefused, TalosPlan
 from tasks.kube import KubeError
@@ -50,14 +51,7 @@ def markdown_plan(cluster: str, talos_plan: TalosPlan, k8s_plan: K8sPlan) -> str
             "Kubernetes is not started unless the Talos part completes.")
 
 
-def _run_name() -> str:
-    from prefect.runtime import flow_run
-
-    p = flow_run.parameters
-    return f"cluster-upgrade {p.get('cluster') or 'default-cluster'}{' dry-run' if p.get('dry_run') else ''}"
-
-
-@flow(name="cluster-upgrade", flow_run_name=_run_name, log_prints=False, persist_result=False,
+@flow(name="cluster-upgrade", flow_run_name=run_name("cluster-upgrade"), log_prints=False, persist_result=False,
       validate_parameters=True)
 def cluster_upgrade(
     homelab: Annotated[str, Field(description="Name of the Homelab block to act on.")] = "default",

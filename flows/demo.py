@@ -67,8 +67,8 @@ def run_demo() -> int:
     from flows.flux_reconcile import flux_reconcile
     from flows.flux_reconcile import summary as flux_summary
     from flows.talos_upgrade import failed_result as talos_failed
-    from flows.talos_upgrade import summary as talos_summary
     from flows.talos_upgrade import talos_upgrade
+    from homelab.cli_upgrade import summary as talos_summary
     from twin import Twin
     from twin.register import homelab_block
     from twin.state import Knobs

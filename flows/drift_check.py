@@ -31,6 +31,7 @@ from pydantic import Field
 
 from blocks import Homelab, load_homelab
 from flows import _runtime
+from flows._names import run_name
 from homelab import drift
 from homelab.config import Cluster, load_tree
 from homelab.drift import DriftReport, Finding
@@ -250,7 +251,7 @@ def _emit(report: DriftReport, homelab: str) -> None:
                             "findings": sum(counts.values())})
 
 
-@flow(name="drift-check", validate_parameters=True)
+@flow(name="drift-check", flow_run_name=run_name("drift-check", everywhere="all"), validate_parameters=True)
 def drift_check(
     homelab: Annotated[str, Field(description="The Homelab block to compare.")] = "default",
     cluster: Annotated[str | None, Field(description="One cluster of the tree; default: every cluster.")] = None,

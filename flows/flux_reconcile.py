@@ -25,6 +25,7 @@ from pydantic import Field
 
 from blocks import load_homelab
 from flows import _runtime
+from flows._names import run_name
 from homelab.config import FluxKustomization, FluxTree, load_tree
 from homelab.problems import ConfigError, Problem
 from tasks import flux
@@ -269,7 +270,7 @@ def reconcile_helmreleases(kube: Any, keys: list[Key], with_source: bool, force:
 # --- the flow ------------------------------------------------------------------------------------
 
 
-@flow(name="flux-reconcile", task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL),  # type: ignore[arg-type]  # Prefect 3.9 types the runner generically
+@flow(name="flux-reconcile", flow_run_name=run_name("flux-reconcile"), task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL),  # type: ignore[arg-type]  # Prefect 3.9 types the runner generically
       validate_parameters=True)
 def flux_reconcile(
     homelab: Annotated[str, Field(description="The Homelab block to act on.")] = "default",

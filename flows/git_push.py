@@ -21,6 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
 from blocks import load_homelab
+from flows._names import run_name
 from flows._runtime import FlowFailed
 from flows.flux_reconcile import MAX_PARALLEL, NOT_STARTED, reconcile_selection
 from homelab import git_push as gp
@@ -98,7 +99,7 @@ def _start(start: gp.DeploymentStart) -> dict[str, Any]:
     return {**row, "outcome": f"started flow run {run.id}", "flow_run_id": str(run.id)}
 
 
-@flow(name="git-push", task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL),  # type: ignore[arg-type]  # Prefect 3.9 types the runner generically
+@flow(name="git-push", flow_run_name=run_name("git-push", where="repository", everywhere="unknown-repository"), task_runner=ThreadPoolTaskRunner(max_workers=MAX_PARALLEL),  # type: ignore[arg-type]  # Prefect 3.9 types the runner generically
       validate_parameters=True)
 def git_push(
     repository: Annotated[str, Field(description="The pushed repository, owner/name.")],

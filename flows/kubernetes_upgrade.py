@@ -4,7 +4,6 @@ the Talos upgrade; done when every kubelet reports the target."""
 
 from __future__ import annotations
 
-import shlex
 import time
 from typing import Annotated, Any
 
@@ -21,24 +20,23 @@ from flows._guard import (
     disruption_lock,
     interrupted_status,
 )
-from flows.talos_upgrade import (
+from flows._names import run_name
+from flows._upgrade import (
     Deadlines,
-    DisruptionWatch,
     MaintenanceWindow,
     Target,
-    _table,
     default_snapshot_dir,
     deferred_result,
-    observe_versions,
-    preflight_task,
     result,
-    snapshot_task,
     upgrade_target,
 )
+from flows._upgrade import table as _table
+from flows.upgrade_steps import observe_versions, preflight_task, snapshot_task
 from homelab.upgrade import K8sPlan, PlanRefused, plan_kubernetes_upgrade
 from homelab.versions import parse_version
 from tasks.connect import Clients
 from tasks.kube import Kube, KubeError
+from tasks.kube_watch import DisruptionWatch
 from tasks.lock import DisruptionLock
 from tasks.talos import TalosAborted, TalosError
 
@@ -102,7 +100,7 @@ def kubelet_task(cl: Clients, node: str, to: str, deadline: float) -> None:
                          f"check the kubelet on {node} (`talosctl -n <ip> logs kubelet`) and run again") from e
 
 
-@flow(name="kubernetes-upgrade", log_prints=False, persist_result=False, validate_parameters=True)
+@flow(name="kubernetes-upgrade", flow_run_name=run_name("kubernetes-upgrade"), log_prints=False, persist_result=False, validate_parameters=True)
 def kubernetes_upgrade(
     homelab: Annotated[str, Field(description="Name of the Homelab block to act on.")] = "default",
     cluster: Annotated[str | None, Field(description="Cluster to upgrade (default: the block's cluster).")] = None,
@@ -207,17 +205,3 @@ def _upgrade(cl: Clients, target: Target, to: str | None, dry_run: bool, require
     _table(rows, f"kubernetes-upgrade-outcome-{target.name}", "Outcome")
     return result("completed", plan.target, rows, watch.max_disrupted, "untouched", snapshot, None,
                   lock=lock.record() if lock else None)
-
-
-def summary(res: dict[str, Any]) -> str:
-    lines = [f"Kubernetes upgrade to {res.get('target_version')}: {res['status']}"]
-    for n in res.get("nodes") or []:
-        lines.append(f"  {n['name']:<20} kubelet {n['from']} -> {n['to']}  {n['action']}")
-    if res.get("plan"):
-        lines.append("  $ " + shlex.join(res["plan"]["dry_run_argv"]) + "   (passed)")
-        lines.append("  $ " + shlex.join(res["plan"]["argv"]))
-    lines.append(f"  etcd snapshot: {res.get('etcd_snapshot') or '-'}")
-    if res.get("error"):
-        lines.append(f"  {res['error']}")
-    return "\n".join(lines)
-

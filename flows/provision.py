@@ -45,6 +45,7 @@ from blocks import Homelab, load_homelab
 from flows import _runtime
 from flows._guard import StepFailed as GateFailed
 from flows._guard import checkpoint, disruption_lock
+from flows._names import run_name
 from homelab import safeyaml
 from homelab.config import ProxmoxCluster, load_tree
 from homelab.problems import ConfigError, Problem
@@ -642,7 +643,7 @@ def _result(status: str, plan: ProvisionPlan | None, bootstrapped: bool, error: 
     return {"status": status, "vms": _vms(plan), "bootstrapped": bootstrapped, "error": error}
 
 
-@flow(name="provision", validate_parameters=True)
+@flow(name="provision", flow_run_name=run_name("provision"), validate_parameters=True)
 def provision(
     homelab: str = "default",
     cluster: str = "homelab",

@@ -31,6 +31,7 @@ from flows import _monitoring
 from flows._guard import StepFailed, checkpoint
 from flows._upgrade import Deadlines, Target, mark, poll
 from homelab import ceph_gate
+from homelab.config import TalConfig
 from homelab.gates import NodeView, Verdict
 from homelab.upgrade import (
     NodeSeen,
@@ -124,7 +125,7 @@ def observe_node(cl: Clients, node: str, ip: str, control_plane: bool, deadline:
 
     def talos_side() -> NodeSeen:
         try:
-            with ThreadPoolExecutor(3) as pool:
+            with ThreadPoolExecutor(4) as pool:
                 version = pool.submit(cl.talos.version, [ip], deadline)
                 status = pool.submit(cl.talos.machinestatus, ip, deadline)
                 boot = pool.submit(cl.talos.boot_id, ip, deadline)
@@ -208,7 +209,15 @@ def flux_verdict(cl: Clients) -> Verdict:
     return flux_gate(items)
 
 
-# @@CEPH ceph_clean_verdict@@
+def ceph_clean_verdict(cl: Clients, tolerated: frozenset[str] = frozenset()) -> Verdict:
+    if cl.ceph is None:
+        return Verdict(True, "no Ceph in this cluster")
+    try:
+        # A noout that an interrupted talos-upgrade run left set on this cluster is this flow's own (its
+        # owner record says so): tolerated, so that the rerun carries on. Anyone else's refuses, named.
+        return cl.ceph.clean(tolerated, own_noout=("talos-upgrade", cl.cluster))
+    except CephError as e:
+        return Verdict(False, f"Ceph not readable: {e}")
 
 
 def preflight(cl: Clients, target: Target, hosts: list[str], node_name: str | None,
@@ -297,8 +306,7 @@ def snapshot_task(cl: Clients, target: Target, directory: str, node: str, keep: 
 
 
 def factory_of(target: Target) -> ImageFactory:
-    config = target.config
-    return config.factory() if hasattr(config, "factory") else ImageFactory()
+    return target.config.factory()
 
 
 @_t("register-schematics")
@@ -316,11 +324,11 @@ def register_schematics_task(target: Target, plan: TalosPlan, node: str, deadlin
     for s in plan.to_upgrade:
         if s.schematic is None or s.schematic in done:
             continue
-        wanted = None
-        if hasattr(config, "node") and (tn := config.node(s.hostname)) is not None:
-            wanted = config.schematic_for(tn)
-        elif not hasattr(config, "node"):
-            wanted = config.cluster.schematic  # type: ignore[union-attr]
+        if isinstance(config, TalConfig):
+            tn = config.node(s.hostname)
+            wanted = config.schematic_for(tn) if tn is not None else None
+        else:
+            wanted = config.cluster.schematic
         try:
             if wanted is not None and schematic_id(wanted) == s.schematic:
                 got = image_factory.register(factory, wanted, deadline)
@@ -342,13 +350,83 @@ def register_schematics_task(target: Target, plan: TalosPlan, node: str, deadlin
         get_run_logger().info(f"schematics known to {factory.schematics_url}: {', '.join(sorted(done))}")
 
 
-# @@CEPH ok_to_stop_task@@
+@_t("ok-to-stop")
+def ok_to_stop_task(cl: Clients, node: str, deadline_s: float = 180.0) -> list[int]:
+    """Ceph's word before the node goes down: its mons (quorum, `mon ok-to-stop`), the mgrs, its OSDs
+    (`osd ok-to-stop`), and the cluster otherwise clean. "Not yet" answers (EAGAIN while PG states are
+    unknown after a mgr failover, no active mgr) are asked again within ``deadline_s``, longer than
+    Ceph's 30 s mgr beacon grace; a "no" refuses at once."""
+    from tasks.ceph import CephWaitTimeout
+
+    _mark(node, "ok-to-stop")
+    assert cl.ceph is not None
+    ceph = cl.ceph
+    log = get_run_logger()
+
+    def read_labels() -> dict[str, str]:
+        # Rook names a node's CRUSH host after its kubernetes.io/hostname label (ceph_gate.crush_host_name).
+        items, _ = cl.kube.list_objects("", "v1", "nodes", timeout_s=10)
+        return {str(o["metadata"]["name"]): str((o["metadata"].get("labels") or {}).get("kubernetes.io/hostname", ""))
+                for o in items}
+
+    def waiting(v: Verdict) -> None:
+        log.warning(f"{node}: Ceph cannot answer yet, asking again: {v.reason}")
+
+    with ThreadPoolExecutor(2) as pool:
+        read = pool.submit(read_labels)  # the Nodes and Ceph's first answers, all at once
+
+        def labels() -> dict[str, str]:
+            try:
+                return read.result()
+            except KubeError as e:
+                raise StepFailed(node, "ceph ok-to-stop", f"Nodes not readable: {e}", "check the Kubernetes "
+                                 "API and run again; nothing was changed on this node") from e
+
+        clean_now = pool.submit(ceph_clean_verdict, cl)  # the otherwise-healthy check, meanwhile
+        try:
+            gate = ceph.node_gate(node, labels, time.monotonic() + deadline_s, on_wait=waiting)
+        except CephWaitTimeout as e:
+            raise StepFailed(node, "ceph ok-to-stop", str(e), "nothing was changed on this node; check "
+                             "`ceph mgr stat` and `ceph pg stat`, then run again") from e
+        except (CephError, ValueError) as e:
+            raise StepFailed(node, "ceph ok-to-stop", str(e), "check `ceph -s` and run again") from e
+        clean = clean_now.result()
+    if not gate.ok:
+        raise StepFailed(node, "ceph ok-to-stop", gate.reason, "nothing was changed on this node; "
+                         "wait until Ceph is clean (`ceph -s`) and run again")
+    if gate.waited:
+        clean = ceph_clean_verdict(cl)  # the first reading is as old as the wait
+    if not clean.ok:
+        raise StepFailed(node, "ceph clean before the node", clean.reason,
+                         "nothing was changed on this node; run again once Ceph is clean")
+    log.info(f"{node}: {gate.reason}")
+    return list(gate.osds)
 
 
-# @@CEPH set_noout_task@@
+@_t("set-noout")
+def set_noout_task(cl: Clients, node: str) -> None:
+    from prefect.runtime import flow_run
+
+    _mark(node, "set-noout")
+    assert cl.ceph is not None
+    # Recorded in the cluster (config-key homelab/noout-owner), where an operator sees who holds noout
+    # and a rerun after an interruption knows the flag for its own.
+    owner = ceph_gate.NooutOwner(flow="talos-upgrade", flow_run_id=str(flow_run.id or "unknown"),
+                                 cluster=cl.cluster, node=node)
+    try:
+        cl.ceph.set_noout(owner)
+    except CephError as e:
+        raise StepFailed(node, "set noout", str(e), "check `ceph osd dump | grep flags` and `ceph config-key "
+                         f"get {ceph_gate.NOOUT_OWNER_KEY}`; run again") from e
+    get_run_logger().info(f"noout set for {node}, recorded as {owner.describe()} under config-key "
+                          f"{ceph_gate.NOOUT_OWNER_KEY}")
 
 
-# @@CEPH unset_noout_task@@
+@_t("unset-noout")
+def unset_noout_task(cl: Clients, node: str) -> None:
+    _mark(node, "unset-noout")
+    assert cl.ceph is not None
+    cl.ceph.unset_noout()  # the flag, verified, then its owner record
 
 
 def _run_hook(command: str, node: str, ip: str, timeout_s: float, kind: str) -> None:
@@ -450,7 +528,8 @@ def verify_version_task(cl: Clients, node: str, ip: str, target: str, deadline_s
             if end is UpgradeEnd.FELL_BACK:
                 raise StepFailed(node, "verify version", f"talosctl version reports {seen}, expected {target}: "
                                  f"{node} was {end.value} ({after.describe()})",
-                                 upgrade_next_step(end, node, ip, before.version if before else seen, target, after))
+                                 upgrade_next_step(end, node, ip, (before.version if before else None) or seen, target,
+                                                   after))
             raise StepFailed(node, "verify version", f"talosctl version reports {seen}, expected {target} "
                              f"({after.describe()})",
                              f"the upgrade did not take; read `talosctl -n {ip} dmesg` and run again")
@@ -534,7 +613,8 @@ def _health_last_seen(stderr: str, error: str) -> str:
 
 
 @_t("talos-health")
-def health_task(cl: Clients, target: Target, node: str, ip: str, deadline_s: float) -> None:
+def health_task(cl: Clients, target: Target, node: str, ip: str, deadline_s: float,
+                lock: DisruptionLock | None = None) -> None:
     """`talosctl health` once the node is back: etcd, apid, kubelet, boot finished, the control-plane static
     pods and components, every node Ready and schedulable, CoreDNS (talos pkg/cluster/check/default.go)."""
     _mark(node, "talos-health")
@@ -549,7 +629,12 @@ def health_task(cl: Clients, target: Target, node: str, ip: str, deadline_s: flo
         if workers:
             args += ["--worker-nodes", ",".join(workers)]
         args += ["--wait-timeout", f"{wait}s"]
-        cl.talos.run(args, timeout_s=wait + 30, stderr_sink=stderr)
+        # A long wait: it ends with the lock's ownership like every long talosctl call of the run.
+        cl.talos.run(args, timeout_s=wait + 30, stderr_sink=stderr, abort=lock.abort if lock else None)
+    except TalosAborted as e:
+        raise StepFailed(node, "lock lost", f"{e}: {lock.lost_reason if lock else ''}",
+                         "make sure the worker reaches the Prefect server, then run again: finished nodes are not "
+                         "repeated") from e
     except TalosError as e:
         raise StepFailed(node, "talosctl health", _health_last_seen("".join(stderr), str(e)),
                          f"look at what it names (`{shlex.join(['talosctl', '-n', on[0], 'health'])}`, "
@@ -557,7 +642,23 @@ def health_task(cl: Clients, target: Target, node: str, ip: str, deadline_s: flo
                          f"passes: finished nodes are not repeated") from e
 
 
-# @@CEPH osds_up_task@@
+@_t("osds-up")
+def osds_up_task(cl: Clients, node: str, osds: list[int], deadline_s: float) -> None:
+    _mark(node, "osds-up")
+    assert cl.ceph is not None
+    ceph = cl.ceph
+
+    def check() -> Verdict:
+        try:
+            st = ceph.status()
+        except CephError as e:
+            return Verdict(False, f"Ceph not readable: {e}")
+        if st.num_up_osds >= st.num_osds:
+            return Verdict(True, f"all {st.num_osds} OSDs up")
+        return Verdict(False, f"OSDs up {st.num_up_osds}/{st.num_osds} (waiting for {node}'s OSDs {osds})")
+
+    poll(check, time.monotonic() + deadline_s, node, "OSDs up",
+         f"check the OSD pods on {node} (`kubectl -n rook-ceph get pods -o wide`); noout stays set meanwhile")
 
 
 @_t("ceph-clean")
@@ -643,7 +744,7 @@ def upgrade_node(run: NodeRun, s: NodeStep) -> None:
         wait_ready_task(cl, node=node, ip=ip, target=run.plan.target, deadline_s=deadlines.node_ready)
     verify_schematic_task(cl, node=node, ip=ip, step=s, deadline_s=deadlines.node_ready)
     etcd_healthy_task(cl, target, node=node, deadline_s=deadlines.etcd)
-    health_task(cl, target, node=node, ip=ip, deadline_s=deadlines.health)
+    health_task(cl, target, node=node, ip=ip, deadline_s=deadlines.health, lock=lock)
     if cl.ceph is not None:
         osds_up_task(cl, node=node, osds=osds, deadline_s=deadlines.osds_up)
         try:
@@ -660,4 +761,25 @@ def upgrade_node(run: NodeRun, s: NodeStep) -> None:
     _mark(node, "done")
 
 
-# @@CEPH _after_failure@@
+def _after_failure(cl: Clients, target: Target, noout: str, error: StepFailed, log: Any) -> str:
+    """Unset the noout this run set only when every node is up; otherwise leave it and say so."""
+    if noout != "set" or cl.ceph is None:
+        return noout
+    gate = nodes_verdict(cl, target)
+    try:
+        st = cl.ceph.status()
+        osds_ok = st.num_up_osds >= st.num_osds
+    except CephError:
+        osds_ok = False
+    if gate.ok and osds_ok:
+        try:
+            cl.ceph.unset_noout()
+            return "unset"
+        except CephError as e:
+            log.error(f"unsetting noout after the failure failed: {e}")
+            return "left-set"
+    # Its owner record stays with it: a rerun recognises the flag as its own and carries on.
+    log.error(f"noout left set on purpose: {gate.reason if not gate.ok else 'not every OSD is up'}; it stays "
+              f"recorded as this run's (`ceph config-key get {ceph_gate.NOOUT_OWNER_KEY}`), so a rerun carries "
+              f"on; to end it by hand: `ceph osd unset noout && ceph config-key rm {ceph_gate.NOOUT_OWNER_KEY}`")
+    return "left-set"

@@ -96,6 +96,14 @@ def upgrade_talos(
     cluster: Annotated[str | None, typer.Option("--cluster", help="Cluster to upgrade (default: the block's).")] = None,
     to: Annotated[str | None, typer.Option("--to", help="Target Talos version (default: talconfig's talosVersion).")] = None,
     node: Annotated[list[str] | None, typer.Option("--node", help="Only this node (repeatable; default all).")] = None,
+    reboot_mode: Annotated[str, typer.Option("--reboot-mode", help="talosctl upgrade --reboot-mode: default (kexec) "
+                                             "or powercycle.")] = "default",
+    stage: Annotated[bool, typer.Option("--stage", help="talosctl upgrade --stage: reboot at once without a drain; "
+                                        "the installer runs at the next boot.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="talosctl upgrade --debug: its report and the node's console "
+                                        "go into the run's logs.")] = False,
+    allow_extension_removal: Annotated[bool, typer.Option(
+        "--allow-extension-removal", help="Allow an installer image without an extension a node runs now.")] = False,
     dry_run: DryRunOpt = False,
     yes: YesOpt = False,
     window: WindowOpt = None,
@@ -109,11 +117,16 @@ def upgrade_talos(
     json_output: JsonOpt = False,
 ) -> None:
     """Upgrade Talos node by node: gates, approval, one global lock, resumable."""
-    from flows.talos_upgrade import summary, talos_upgrade, upgrade_cli
+    from flows.talos_upgrade import talos_upgrade
     from homelab.cli_runtime import twin_monitoring
+    from homelab.cli_upgrade import summary, upgrade_cli
 
+    if reboot_mode not in ("default", "powercycle"):
+        raise typer.BadParameter(f"takes default or powercycle, got {reboot_mode!r}", param_hint="--reboot-mode")
     with twin_monitoring(monitoring):
-        upgrade_cli(talos_upgrade, dict(cluster=cluster, to=to, nodes=list(node) if node else None, run_now=now),
+        upgrade_cli(talos_upgrade, dict(cluster=cluster, to=to, nodes=list(node) if node else None, run_now=now,
+                                        reboot_mode=reboot_mode, stage=stage, debug=debug,
+                                        allow_extension_removal=allow_extension_removal),
                     summary, question="Upgrade these nodes?", homelab=homelab, window=window,
                     window_hours=window_hours, tz=tz, dry_run=dry_run, yes=yes, twin=twin, twin_state=twin_state,
                     fault=fault, json_output=json_output)
@@ -137,9 +150,10 @@ def upgrade_kubernetes(
     json_output: JsonOpt = False,
 ) -> None:
     """Upgrade Kubernetes with talosctl upgrade-k8s: one minor at a time, behind the same gates."""
-    from flows.kubernetes_upgrade import kubernetes_upgrade, summary
-    from flows.talos_upgrade import upgrade_cli
+    from flows.kubernetes_upgrade import kubernetes_upgrade
     from homelab.cli_runtime import twin_monitoring
+    from homelab.cli_upgrade import kubernetes_summary as summary
+    from homelab.cli_upgrade import upgrade_cli
 
     with twin_monitoring(monitoring):
         upgrade_cli(kubernetes_upgrade, dict(cluster=cluster, to=to, run_now=now), summary,

@@ -357,6 +357,8 @@ class ClusterSection(_Strict):
     kubernetes_version: str = Field(alias="kubernetesVersion")
     schematic: dict[str, Any] | None = None
     talos_image_url: str | None = Field(None, alias="talosImageURL")
+    # talhelper's `imageFactory` settings, the same mapping as in talconfig.yaml (registryURL, protocol, ...).
+    image_factory: Any = Field(None, alias="imageFactory")
 
     _talos_v = field_validator("talos_version")(lambda cls, v: _version_field(v))
     _kube_v = field_validator("kubernetes_version")(lambda cls, v: _version_field(v))
@@ -367,6 +369,12 @@ class ClusterSection(_Strict):
     @classmethod
     def _endpoint(cls, v: str) -> str:
         return api_endpoint(v, "https://10.42.0.161:6443")
+
+    @field_validator("image_factory")
+    @classmethod
+    def _factory(cls, v: Any) -> Any:
+        image_factory(v)  # its registry reaches talosctl's argv, its endpoint an HTTP request
+        return v
 
 
 class Template(_Strict):
@@ -446,7 +454,10 @@ class ProxmoxCluster(_Strict):
         return self.control_planes() + [v for v in self.vms if v.role == "worker"]
 
     def installer(self, version: str) -> str:
-        return installer_image(version, self.cluster.schematic, self.cluster.talos_image_url)
+        return installer_image(version, self.cluster.schematic, self.cluster.talos_image_url, factory=self.factory())
+
+    def factory(self) -> ImageFactory:
+        return image_factory(self.cluster.image_factory)
 
 
 def load_cluster_yaml(path: Path, shown: str | None = None) -> ProxmoxCluster:

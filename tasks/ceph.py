@@ -39,6 +39,8 @@ from homelab.ceph_gate import (
 )
 
 POLL_INTERVAL_S = 0.25
+# How long clean() reuses its last `ceph status` while `ceph pg stat` says the PGs are not clean yet.
+STATUS_REUSE_S = 2.0
 # Exit codes of the ceph CLI that mean "no cluster answered" (ETIMEDOUT, ECONNREFUSED, EINTR).
 _UNREACHABLE_RC = {110, 111, 4}
 _UNREACHABLE_TEXT = ("error connecting to the cluster", "timed out", "connection refused")
@@ -121,6 +123,8 @@ class CephCli:
         self.command = list(command)
         self.env = dict(env or {})
         self.timeout_s = timeout_s
+        # The last `ceph status` read by clean(), and when: reused while the PGs are still moving.
+        self._status: tuple[float, CephStatus] | None = None
 
     # ---- the protocol ---------------------------------------------------------------------
 
@@ -240,7 +244,7 @@ class CephCli:
     def node_gate(
         self,
         node: str,
-        hostname_labels: Mapping[str, str],
+        hostname_labels: Mapping[str, str] | Callable[[], Mapping[str, str]],
         deadline: float,
         interval_s: float = POLL_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
@@ -250,6 +254,9 @@ class CephCli:
         """Everything Ceph must say before ``node`` goes down: which OSDs, mons and mgrs it holds;
         every mon in quorum and `mon ok-to-stop` for its mons; an active mgr and a standby when the
         active one is here; `osd ok-to-stop` for its OSDs.
+
+        ``hostname_labels``: every Node's name -> its kubernetes.io/hostname label (or a callable that
+        returns them, called once Ceph's first answers are in).
 
         "Not yet" answers are asked again until ``deadline`` (on ``clock``): EAGAIN from `osd
         ok-to-stop` (PG states unknown after a mgr failover), no active mgr, no answer at all (a mgr
@@ -273,7 +280,7 @@ class CephCli:
             sleep(min(interval_s, left))
 
     def _node_checks(
-        self, node: str, hostname_labels: Mapping[str, str]
+        self, node: str, hostname_labels: Mapping[str, str] | Callable[[], Mapping[str, str]]
     ) -> tuple[list[Verdict], Verdict | None, tuple[int, ...], tuple[str, ...]]:
         """One round of the node gate: (verdicts, the "not yet" verdict to retry on or None, OSDs, mons)."""
         try:
@@ -282,7 +289,9 @@ class CephCli:
                 mgr = pool.submit(self.mgr_stat)
                 tree = pool.submit(self.osd_tree)
                 daemons = self.daemons()
-                placement = ceph_gate.node_osds(node, hostname_labels, tree.result(), daemons)
+                # The labels may still be on their way (read while Ceph answers): needed only now.
+                labels = hostname_labels() if callable(hostname_labels) else hostname_labels
+                placement = ceph_gate.node_osds(node, labels, tree.result(), daemons)
                 mon_v, mons = ceph_gate.mon_gate(quorum.result(), node, daemons)
                 mgr_v = ceph_gate.mgr_gate(mgr.result(), node, daemons)
         except CephUnavailable as e:
@@ -412,11 +421,17 @@ class CephCli:
         """The clean-cluster gate, read now. With ``own_noout=(flow, cluster)`` a noout is tolerated
         when its owner record says ``flow`` set it on ``cluster`` (an interrupted run's), and refused
         with whoever else holds it named."""
-        # The PG states from the active mgr, the rest from the mon: both at once.
-        with ThreadPoolExecutor(1) as pool:
-            live = pool.submit(self.pg_stat)
+        # The PG states from the active mgr first: while they still move, that is the answer, and the
+        # mon's view (health, quorum, OSDs) is read only every STATUS_REUSE_S, for the message. Each
+        # `ceph` call costs a CLI start; a clean gate polled between nodes should cost one, and open
+        # one call after the PGs are clean, plus the mon's confirmation.
+        pgs = self.pg_stat()
+        cached = self._status
+        if not pgs.all_clean and cached is not None and time.monotonic() - cached[0] < STATUS_REUSE_S:
+            status = cached[1]
+        else:
             status = self.status()
-            pgs = live.result()
+            self._status = (time.monotonic(), status)
         tolerated = frozenset(tolerated_flags)
         ownership: Verdict | None = None
         flags_check = status.health.checks.get("OSDMAP_FLAGS")

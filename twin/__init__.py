@@ -450,6 +450,16 @@ class Twin:
         from homelab.config import talconfig_path
         changed = False
         for name, c in self.tree.clusters.items():
+            if c.proxmox is not None:
+                # cluster.yaml takes the same mapping in its `cluster:` section.
+                path = self.git.tree / "clusters" / name / "cluster.yaml"
+                text = path.read_text()
+                text = _re.sub(r"(?m)^  imageFactory:[^\n]*\n(?:    [^\n]*\n)*", "", text)
+                text = _re.sub(r"(?m)^cluster:[ \t]*\n", lambda m: m.group(0) + (
+                    f"  imageFactory:  # the simulated homelab's own Image Factory (this copy of the tree only)\n"
+                    f"    registryURL: {self.image_factory.registry}\n    protocol: http\n"), text, count=1)
+                path.write_text(text)
+                changed = True
             if c.talconfig is None:
                 continue
             path = talconfig_path(self.git.tree, name)

@@ -375,17 +375,15 @@ class ScriptedCli(CephCli):
         super().__init__(["ceph"], {}, timeout_s=5)
         self.replies = replies
 
-    def status(self):  # type: ignore[override]
-        reply = self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
-        self.last = reply
-        return ceph_gate.parse_status(reply)
-
     def pg_stat(self):  # type: ignore[override]
-        # What the active mgr says: the same PG states as the status reply being read.
-        reply = self.replies[0]
-        by_state = [{"name": s["state_name"], "num": s["count"]} for s in reply["pgmap"]["pgs_by_state"]]
+        # Each poll asks the active mgr first: the next reply of the script, its PG states.
+        self.current = self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
+        by_state = [{"name": s["state_name"], "num": s["count"]} for s in self.current["pgmap"]["pgs_by_state"]]
         return ceph_gate.parse_pg_stat({"pg_ready": True, "pg_summary": {"num_pg_by_state": by_state,
-                                                                          "num_pgs": reply["pgmap"]["num_pgs"]}})
+                                                                          "num_pgs": self.current["pgmap"]["num_pgs"]}})
+
+    def status(self):  # type: ignore[override]
+        return ceph_gate.parse_status(self.current)
 
 
 def raw_status(pgs: list[tuple[str, int]], checks: dict | None = None) -> dict:
@@ -680,3 +678,21 @@ def test_unset_noout_whose_record_stays_behind_raises_naming_it(tmp_path: Path) 
     with pytest.raises(CephFlagError, match="noout is unset, but its owner record homelab/noout-owner is still"):
         cli.unset_noout()
     assert saved(tmp_path)["flags"] == []
+
+
+def test_clean_reads_the_mon_again_once_the_pgs_are_clean_and_not_while_they_move() -> None:
+    degraded = raw_status([("active+undersized+degraded", 16)], {"OSD_DOWN": {"summary": {"message": "1 osds down"}}})
+    clean = raw_status([("active+clean", 16)])
+
+    class Counting(ScriptedCli):
+        statuses = 0
+
+        def status(self):  # type: ignore[override]
+            self.statuses += 1
+            return super().status()
+
+    cli = Counting([degraded, degraded, degraded, clean])
+    verdicts = [cli.clean() for _ in range(4)]
+    assert [v.ok for v in verdicts] == [False, False, False, True]
+    assert "OSD_DOWN" in verdicts[2].reason  # the mon's view of the first read, reused for the message
+    assert cli.statuses == 2  # the first read, and the confirmation once the PGs are clean
