@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Literal, cast
 from uuid import UUID
 
@@ -128,16 +129,21 @@ def _plan(cl: Clients, target: Target, to: str | None, nodes: list[str] | None, 
     """The plan from what the cluster runs now: versions (a node missing from the reply did not answer),
     schematics and extensions, and the kubelets' Kubernetes (Talos's support table)."""
     unanswered: dict[str, str] = {}
-    versions = observe_versions(cl, target, unanswered)
-    try:
-        kubelets = observe_kubelets(cl)
-    except KubeError as e:
-        raise PlanRefused([f"the Kubernetes API did not answer ({e}): the target's Kubernetes support cannot be "
-                           f"checked; run again once it answers"]) from None
+    # The three reads at once: two talosctl processes and an API call.
+    with ThreadPoolExecutor(2) as pool:
+        running_later = pool.submit(observe_running, cl, target)
+        kubelets_later = pool.submit(observe_kubelets, cl)
+        versions = observe_versions(cl, target, unanswered)
+        running = running_later.result()
+        try:
+            kubelets = kubelets_later.result()
+        except KubeError as e:
+            raise PlanRefused([f"the Kubernetes API did not answer ({e}): the target's Kubernetes support cannot "
+                               f"be checked; run again once it answers"]) from None
     try:
         return plan_talos_upgrade(target.config, versions, to, nodes, allow_minor_skip, allow_downgrade, images,
                                   talosctl="talosctl", timeout_s=int(deadlines.upgrade), kubernetes=kubelets,
-                                  running=observe_running(cl, target), allow_extension_removal=allow_extension_removal,
+                                  running=running, allow_extension_removal=allow_extension_removal,
                                   options=options)
     except PlanRefused as e:
         # Name why a node did not answer where the plan says it was not observed.

@@ -179,13 +179,17 @@ def etcd_verdict(cl: Clients, target: Target) -> Verdict:
 
 
 def nodes_verdict(cl: Clients, target: Target, watch: DisruptionWatch | None = None) -> Verdict:
+    return _nodes_seen(cl, target, watch)[1]
+
+
+def _nodes_seen(cl: Clients, target: Target, watch: DisruptionWatch | None = None) -> tuple[list[NodeView], Verdict]:
     try:
         nodes = cl.kube.nodes(timeout_s=10)
     except KubeError as e:
-        return Verdict(False, f"nodes not readable: {e}")
+        return [], Verdict(False, f"nodes not readable: {e}")
     if watch is not None:
         watch.observe(nodes)
-    return nodes_gate(nodes, [h for h, _, _ in target.hosts])
+    return nodes, nodes_gate(nodes, [h for h, _, _ in target.hosts])
 
 
 def flux_verdict(cl: Clients) -> Verdict:
@@ -687,11 +691,11 @@ class NodeRun:
     debug: bool = False
 
 
-def gates_before(run: NodeRun, node: str) -> None:
+def gates_before(run: NodeRun, node: str) -> list[NodeView]:
     """Right before the node (after any pause): every node Ready and schedulable, every etcd member healthy,
-    and not the node this run executes on. Nothing has been changed on the node yet."""
+    and not the node this run executes on. Nothing has been changed on the node yet. The Nodes as read."""
     cl, target = run.cl, run.target
-    nodes, etcd = _both(lambda: nodes_verdict(cl, target, run.watch), lambda: etcd_verdict(cl, target))
+    (views, nodes), etcd = _both(lambda: _nodes_seen(cl, target, run.watch), lambda: etcd_verdict(cl, target))
     if not nodes.ok:
         raise StepFailed(node, "all nodes Ready", nodes.reason, "nothing was changed on this node; run again once "
                          "every node is Ready and schedulable")
@@ -702,14 +706,13 @@ def gates_before(run: NodeRun, node: str) -> None:
     v = self_node_gate(os.environ.get("NODE_NAME"), node)
     if not v.ok:
         raise StepFailed(node, "not the node this run executes on", v.reason, "run the flow from another node")
+    return views
 
 
-def seen_before(run: NodeRun, s: NodeStep) -> NodeSeen:
-    """The node as the upgrade starts: its version from the plan, its boot ID from its Node (the kubelet
-    posts the kernel's), so that what it does afterwards can be told apart without another call."""
-    boot = ""
-    with contextlib.suppress(KubeError):
-        boot = run.cl.kube.node(s.hostname, timeout_s=10).boot_id
+def seen_before(run: NodeRun, s: NodeStep, views: list[NodeView]) -> NodeSeen:
+    """The node as the upgrade starts: its version from the plan, its boot ID from its Node as the gates read
+    it (the kubelet posts the kernel's), so that what it does afterwards can be told apart."""
+    boot = next((v.boot_id for v in views if v.name == s.hostname), "")
     if not boot:
         with contextlib.suppress(TalosError):
             boot = run.cl.talos.boot_id(s.ip, deadline=time.monotonic() + 15)
@@ -722,7 +725,7 @@ def upgrade_node(run: NodeRun, s: NodeStep) -> None:
     node, ip = s.hostname, s.ip
     checkpoint(lock, node, f"the gates of {node}")
     _monitoring.before_node(block, cl.cluster, cl.ceph is not None, node, _mark)
-    gates_before(run, node)
+    views = gates_before(run, node)
     _monitoring.silence_node(block, cl.cluster, cl.ceph is not None, node, ip, _monitoring.node_deadline_s(deadlines),
                              _mark)
     osds: list[int] = []
@@ -734,7 +737,7 @@ def upgrade_node(run: NodeRun, s: NodeStep) -> None:
     if block.pre_node_hook:
         checkpoint(lock, node, f"the pre-hook of {node}")
         pre_hook_task(block.pre_node_hook, node=node, ip=ip, timeout_s=deadlines.hook)
-    before = seen_before(run, s)
+    before = seen_before(run, s, views)
     with run.watch.disrupting(node):
         upgrade_task(cl, list(s.argv), node=node, ip=ip, timeout_s=deadlines.upgrade, target=run.plan.target,
                      before=before, lock=lock, control_plane=s.control_plane, debug=run.debug,
@@ -742,11 +745,15 @@ def upgrade_node(run: NodeRun, s: NodeStep) -> None:
         verify_version_task(cl, node=node, ip=ip, target=run.plan.target, deadline_s=deadlines.node_ready,
                             before=before, control_plane=s.control_plane)
         wait_ready_task(cl, node=node, ip=ip, target=run.plan.target, deadline_s=deadlines.node_ready)
-    verify_schematic_task(cl, node=node, ip=ip, step=s, deadline_s=deadlines.node_ready)
+    # Reads of the node that is back run beside the waits that follow; each still stops the run on its own.
+    schematic = verify_schematic_task.submit(cl, node=node, ip=ip, step=s, deadline_s=deadlines.node_ready)
     etcd_healthy_task(cl, target, node=node, deadline_s=deadlines.etcd)
-    health_task(cl, target, node=node, ip=ip, deadline_s=deadlines.health, lock=lock)
+    health = health_task.submit(cl, target, node=node, ip=ip, deadline_s=deadlines.health, lock=lock)
     if cl.ceph is not None:
         osds_up_task(cl, node=node, osds=osds, deadline_s=deadlines.osds_up)
+    schematic.result()
+    health.result()
+    if cl.ceph is not None:
         try:
             unset_noout_task(cl, node=node)
         except CephError as e:

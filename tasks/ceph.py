@@ -74,6 +74,14 @@ class CephWaitTimeout(CephError):
         self.history = history
 
 
+def _only_pgs_left(status: CephStatus, tolerated: Iterable[str], noout_may_be_own: bool) -> bool:
+    """Whether this mon view would pass the clean gate once every PG is active+clean (a guess that
+    only decides how to poll, never what the gate says)."""
+    settled = ceph_gate.PgStat(num_pgs=status.num_pgs, by_state=(("active+clean", status.num_pgs),))
+    allowed = frozenset(tolerated) | ({"noout"} if noout_may_be_own else frozenset())
+    return ceph_gate.cluster_clean(status, allowed, settled).ok
+
+
 @dataclass(frozen=True)
 class Result:
     returncode: int
@@ -423,15 +431,24 @@ class CephCli:
         with whoever else holds it named."""
         # The PG states from the active mgr first: while they still move, that is the answer, and the
         # mon's view (health, quorum, OSDs) is read only every STATUS_REUSE_S, for the message. Each
-        # `ceph` call costs a CLI start; a clean gate polled between nodes should cost one, and open
-        # one call after the PGs are clean, plus the mon's confirmation.
-        pgs = self.pg_stat()
+        # `ceph` call costs a CLI start, so a gate polled while Ceph recovers costs one a poll. Once
+        # the mon's last view had nothing against the cluster but its PGs, both are read at once: the
+        # gate opens one call after the PGs are clean, not two.
         cached = self._status
-        if not pgs.all_clean and cached is not None and time.monotonic() - cached[0] < STATUS_REUSE_S:
-            status = cached[1]
-        else:
-            status = self.status()
+        fresh = cached is not None and time.monotonic() - cached[0] < STATUS_REUSE_S
+        if cached is not None and fresh and _only_pgs_left(cached[1], tolerated_flags, own_noout is not None):
+            with ThreadPoolExecutor(1) as pool:
+                mon = pool.submit(self.status)
+                pgs = self.pg_stat()
+                status = mon.result()
             self._status = (time.monotonic(), status)
+        else:
+            pgs = self.pg_stat()
+            if not pgs.all_clean and cached is not None and fresh:
+                status = cached[1]
+            else:
+                status = self.status()
+                self._status = (time.monotonic(), status)
         tolerated = frozenset(tolerated_flags)
         ownership: Verdict | None = None
         flags_check = status.health.checks.get("OSDMAP_FLAGS")

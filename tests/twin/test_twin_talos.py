@@ -237,17 +237,27 @@ def test_provisioning_a_vm_from_maintenance_mode_to_a_bootstrapped_cluster(twin,
     cp = t.world.node("homelab-cp-1")
     assert cp.phase == "off" and not t.kube["homelab"].available
     t._on_vm_power("homelab-cp-1", 161, True)  # what fakepve reports when the VM starts
-    out, err, code = tctl(t, "-n", cp.ip, "version", "--json")
+    # In maintenance mode the VM answers on its DHCP lease, not on the address its config will give it.
+    lease = cp.dhcp_ip
+    assert lease and lease != cp.ip
+    out, err, code = tctl(t, "-n", lease, "version", "--json")
     assert code == 1 and "certificate signed by unknown authority" in err
-    out, err, code = tctl(t, "-n", cp.ip, "version", "--json", "--insecure")
+    out, err, code = tctl(t, "-n", lease, "version", "--json", "--insecure")
     assert code == 0, err
     assert "metadata" not in json.loads(out), "the maintenance service has no apid to name the reply"
     cfg = tmp_path / "cp.yaml"
     cfg.write_text("machine:\n  type: controlplane\n  install:\n    image: factory.talos.dev/installer/abc:v1.11.5\n")
-    out, err, code = tctl(t, "-n", cp.ip, "apply-config", "--insecure", "--file", str(cfg))
+    out, err, code = tctl(t, "-n", lease, "apply-config", "--insecure", "--file", str(cfg))
     assert code == 0, err
     assert t.world.wait_for(lambda: cp.talos_up, 2)
-    out, err, code = tctl(t, "-n", cp.ip, "-e", cp.ip, "bootstrap")
+    # Right after boot, bootstrap is refused until machined is ready for it (FailedPrecondition); then it is taken.
+    deadline = time.monotonic() + 5
+    while True:
+        out, err, code = tctl(t, "-n", cp.ip, "-e", cp.ip, "bootstrap")
+        if code == 0 or time.monotonic() > deadline:
+            break
+        assert "not available yet" in err or "time is not in sync" in err, err
+        time.sleep(0.05)
     assert code == 0, err
     assert t.world.wait_for(lambda: t.kube["homelab"].available, 2)
     assert t.world.wait_for(lambda: t.stores["homelab"].get("v1", "Node", None, "homelab-cp-1") is not None, 2)

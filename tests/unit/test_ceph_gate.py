@@ -696,3 +696,20 @@ def test_clean_reads_the_mon_again_once_the_pgs_are_clean_and_not_while_they_mov
     assert [v.ok for v in verdicts] == [False, False, False, True]
     assert "OSD_DOWN" in verdicts[2].reason  # the mon's view of the first read, reused for the message
     assert cli.statuses == 2  # the first read, and the confirmation once the PGs are clean
+
+
+def test_clean_reads_the_mon_on_every_poll_once_only_the_pgs_are_left() -> None:
+    # OSDs all up, only PG_DEGRADED: the PGs may turn clean any moment, and the mon's view is wanted then.
+    recovering = raw_status([("active+recovering+degraded", 16)], {"PG_DEGRADED": {"summary": {"message": "x"}}})
+    clean = raw_status([("active+clean", 16)])
+
+    class Counting(ScriptedCli):
+        statuses = 0
+
+        def status(self):  # type: ignore[override]
+            self.statuses += 1
+            return super().status()
+
+    cli = Counting([recovering, recovering, clean])
+    assert [cli.clean().ok for _ in range(3)] == [False, False, True]
+    assert cli.statuses == 3
