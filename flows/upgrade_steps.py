@@ -517,8 +517,43 @@ def upgrade_task(cl: Clients, argv: list[str], node: str, ip: str, timeout_s: fl
 
 @_t("verify-version")
 def verify_version_task(cl: Clients, node: str, ip: str, target: str, deadline_s: float,
-                        before: NodeSeen | None = None, control_plane: bool = True) -> None:
+                        before: NodeSeen | None = None, control_plane: bool = True,
+                        step: NodeStep | None = None) -> None:
+    """The node runs the target (talosctl version, then its Node's osImage) and, read at the same time, the
+    schematic of its installer image (`get extensions`)."""
     _mark(node, "verify-version")
+    with ThreadPoolExecutor(1) as pool:
+        schematic = pool.submit(_running_schematic, cl, ip, deadline_s) if step and step.schematic else None
+        _verify_version(cl, node, ip, target, deadline_s, before, control_plane)
+        if schematic is not None and step is not None:
+            _check_schematic(node, ip, step, schematic.result())
+
+
+def _running_schematic(cl: Clients, ip: str, deadline_s: float) -> RunningImage | TalosError:
+    """What the node runs, read once it answers its Talos API again (or the last error)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            running = cl.talos.running_images([ip], deadline=deadline)
+            return running.get(ip) or next(iter(running.values()), RunningImage(None))
+        except TalosError as e:
+            if not e.retryable or time.monotonic() >= deadline:
+                return e
+            time.sleep(0.25)
+
+
+def _check_schematic(node: str, ip: str, step: NodeStep, now: RunningImage | TalosError) -> None:
+    if isinstance(now, TalosError):
+        raise StepFailed(node, "verify schematic", str(now), f"check `talosctl -n {ip} get extensions`") from now
+    if (now.schematic or "") != step.schematic:
+        raise StepFailed(node, "verify schematic", f"{node} runs {now.describe()}, not schematic {step.schematic} of "
+                         f"{step.image}", f"the new image did not take — a node that booted it and fell back "
+                         f"runs its old schematic, and `talosctl rollback` would boot the failed image again: read "
+                         f"`talosctl -n {ip} dmesg`, fix the image and run again")
+
+
+def _verify_version(cl: Clients, node: str, ip: str, target: str, deadline_s: float, before: NodeSeen | None,
+                    control_plane: bool) -> None:
     deadline = time.monotonic() + deadline_s
     seen = "no answer"
     while True:
@@ -549,23 +584,6 @@ def verify_version_task(cl: Clients, node: str, ip: str, target: str, deadline_s
         raise StepFailed(node, "verify version (Node osImage)", str(e),
                          f"{node} runs {target} but its kubelet did not report it: check `talosctl -n {ip} logs "
                          f"kubelet`; if {target} is at fault, `{rollback_step(ip)}` boots the previous image") from e
-
-
-@_t("verify-schematic")
-def verify_schematic_task(cl: Clients, node: str, ip: str, step: NodeStep, deadline_s: float) -> None:
-    """After the node: it runs the schematic its installer image brought (read again, `get extensions`)."""
-    _mark(node, "verify-schematic")
-    if step.schematic is None:
-        return
-    try:
-        running = cl.talos.running_images([ip], deadline=time.monotonic() + min(30.0, deadline_s))
-    except TalosError as e:
-        raise StepFailed(node, "verify schematic", str(e), f"check `talosctl -n {ip} get extensions`") from e
-    now = running.get(ip) or next(iter(running.values()), RunningImage(None))
-    if (now.schematic or "") != step.schematic:
-        raise StepFailed(node, "verify schematic", f"{node} runs {now.describe()}, not schematic {step.schematic} of "
-                         f"{step.image}", f"the new image did not take: read `talosctl -n {ip} dmesg`; "
-                         f"if {node} misbehaves on {step.target}, `{rollback_step(ip)}` boots the previous image")
 
 
 @_t("wait-ready")
@@ -743,17 +761,12 @@ def upgrade_node(run: NodeRun, s: NodeStep) -> None:
                      before=before, lock=lock, control_plane=s.control_plane, debug=run.debug,
                      back_s=deadlines.node_ready)
         verify_version_task(cl, node=node, ip=ip, target=run.plan.target, deadline_s=deadlines.node_ready,
-                            before=before, control_plane=s.control_plane)
+                            before=before, control_plane=s.control_plane, step=s)
         wait_ready_task(cl, node=node, ip=ip, target=run.plan.target, deadline_s=deadlines.node_ready)
-    # Reads of the node that is back run beside the waits that follow; each still stops the run on its own.
-    schematic = verify_schematic_task.submit(cl, node=node, ip=ip, step=s, deadline_s=deadlines.node_ready)
     etcd_healthy_task(cl, target, node=node, deadline_s=deadlines.etcd)
-    health = health_task.submit(cl, target, node=node, ip=ip, deadline_s=deadlines.health, lock=lock)
+    health_task(cl, target, node=node, ip=ip, deadline_s=deadlines.health, lock=lock)
     if cl.ceph is not None:
         osds_up_task(cl, node=node, osds=osds, deadline_s=deadlines.osds_up)
-    schematic.result()
-    health.result()
-    if cl.ceph is not None:
         try:
             unset_noout_task(cl, node=node)
         except CephError as e:

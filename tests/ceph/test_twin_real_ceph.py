@@ -26,7 +26,8 @@ pytestmark = pytest.mark.ceph
 REPO = Path(__file__).resolve().parents[2]
 TREE = REPO / "k8s"
 M2_IP = "10.42.0.102"
-NEW_IMAGE = "factory.talos.dev/installer/376567988ad370138ad8b2698212367b8edcb69b5fd68c80be1f2ec7d603b4ba:v1.11.5"
+# The nodes' own schematic (i915 + intel-ucode), which the simulated Image Factory knows.
+NEW_IMAGE = "factory.talos.dev/installer/4b3cd373a192c8469e859b7a0cfbed3ecc3577c4a2d346a37b0aeff9cd17cdb0:v1.11.5"
 # Long enough for the mon to mark the node's OSD down and for a CephCluster update while it is away.
 REBOOT_S = 6.0
 

@@ -189,3 +189,15 @@ def test_in_a_pod_snapshots_must_go_to_a_volume(tmp_path: Path, monkeypatch: pyt
     assert upgrade_steps.snapshot_dir_problem(volume / "snaps" / "m720q") is None
     problem = upgrade_steps.snapshot_dir_problem(tmp_path / "elsewhere")
     assert problem is not None and "pod's own filesystem" in problem and "HOMELAB_SNAPSHOT_DIR" in problem
+
+
+def test_the_upgrade_flows_import_neither_typer_nor_the_twin():
+    import subprocess
+    import sys
+
+    code = ("import sys, flows.talos_upgrade, flows.kubernetes_upgrade, flows.cluster_upgrade; "
+            "print(sorted(m for m in sys.modules if m == 'typer' or m == 'twin' or m.startswith('twin.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
