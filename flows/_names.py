@@ -20,3 +20,19 @@ def run_name(flow: str, where: str = "cluster", everywhere: str = "default-clust
         return " ".join(words)
 
     return name
+
+
+def name_after_target(cluster: str) -> None:
+    """Put the cluster a run resolved (its block's default when no `cluster` was given) into its name:
+    `talos-upgrade default-cluster` becomes `talos-upgrade m720q`. A name is cosmetic: failures are ignored."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    name, run_id = flow_run.name, flow_run.id
+    if not name or not run_id or "default-cluster" not in name:
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(run_id, name=name.replace("default-cluster", cluster, 1))
+    except Exception:
+        pass

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from flows import _monitoring
 from flows._guard import StepFailed, remember
+from flows._names import name_after_target
 from homelab.ceph_gate import Verdict
 from homelab.config import ProxmoxCluster, TalConfig, load_tree
 from homelab.upgrade import TalosPlan, _members
@@ -117,6 +118,7 @@ def upgrade_target(homelab: str, cluster: str | None) -> Iterator[tuple[Any, Tar
     block = load_homelab(homelab)
     cluster = cluster or block.cluster
     target = load_target(block.gitops_tree(), cluster)
+    name_after_target(cluster)
     with connect(block, cluster) as cl:
         yield block, target, cl
 

@@ -28,6 +28,7 @@ from flows._guard import (
     disruption_lock,
     interrupted_status,
 )
+from flows._names import run_name
 from flows._upgrade import (
     TIMELINE,
     Deadlines,
@@ -75,14 +76,7 @@ _mark = mark
 # --- the flow ---------------------------------------------------------------------------------
 
 
-def _run_name() -> str:
-    from prefect.runtime import flow_run
-
-    p = flow_run.parameters
-    return f"talos-upgrade {p.get('cluster') or 'default-cluster'}{' dry-run' if p.get('dry_run') else ''}"
-
-
-@flow(name="talos-upgrade", flow_run_name=_run_name, log_prints=False, persist_result=False,
+@flow(name="talos-upgrade", flow_run_name=run_name("talos-upgrade"), log_prints=False, persist_result=False,
       validate_parameters=True)
 def talos_upgrade(
     homelab: Annotated[str, Field(description="Name of the Homelab block to act on.")] = "default",

@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 TREE = REPO / "k8s"
-FAST = {"reboot_seconds": 0.2, "recovery_seconds": 0.1, "flux_delay_seconds": 0.05}
+# Short knobs: a dependent Kustomization is requeued after 0.5 s, not kustomize-controller's 30 s.
+FAST = {"reboot_seconds": 0.2, "recovery_seconds": 0.1, "flux_delay_seconds": 0.05, "requeue_dependency_seconds": 0.5}
 
 
 @pytest.fixture
