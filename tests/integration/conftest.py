@@ -142,14 +142,10 @@ class PrefectServer:
 
 
 @pytest.fixture(scope="session")
-def redis_installed() -> None:
+def redis_installed(require_package: Callable[[str], None]) -> None:
     """Skip without redis-server; in CI (CI=true) its absence is a failure."""
-    if shutil.which("redis-server"):
-        return
-    message = f"the Prefect server of the integration tests needs redis-server: {INSTALL_HINT}"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message + " (CI=true: these tests must run, not skip)", pytrace=False)
-    pytest.skip(message)
+    if not shutil.which("redis-server"):
+        require_package(f"the Prefect server of the integration tests needs redis-server: {INSTALL_HINT}")
 
 
 @pytest.fixture(scope="session")
@@ -250,26 +246,19 @@ def postgres_bindir() -> Path | None:
     return Path(initdb).resolve().parent if initdb else None
 
 
-def _missing(message: str) -> None:
-    """Skip with the install hint; in CI (CI=true) a missing system package is a failure."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(message + " (CI=true: these tests must run, not skip)", pytrace=False)
-    pytest.skip(message)
-
-
 @pytest.fixture(scope="session")
-def postgres_installed() -> Path:
+def postgres_installed(require_package: Callable[[str], None]) -> Path:
     """PostgreSQL's bin directory; skips without it (fails under CI=true)."""
     bindir = postgres_bindir()
     if bindir is None:
-        _missing(f"the PostgreSQL-backed Prefect server needs initdb and postgres: {POSTGRES_INSTALL_HINT}")
+        require_package(f"the PostgreSQL-backed Prefect server needs initdb and postgres: {POSTGRES_INSTALL_HINT}")
     assert bindir is not None
     if os.geteuid() == 0:
         try:
             pwd.getpwnam("postgres")
         except KeyError:
-            _missing(f"as root the tests run PostgreSQL as the system user postgres, which Debian's package "
-                     f"creates; there is none: {POSTGRES_INSTALL_HINT}")
+            require_package(f"as root the tests run PostgreSQL as the system user postgres, which Debian's "
+                            f"package creates; there is none: {POSTGRES_INSTALL_HINT}")
     return bindir
 
 
