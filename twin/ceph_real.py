@@ -282,7 +282,12 @@ class RealCeph:
         return proc.stdout
 
     def wait_healthy(self, deadline: float) -> None:
-        """Until HEALTH_OK, every OSD up and in, every PG active+clean; else CephStartError."""
+        """Until HEALTH_OK, every OSD up and in, every PG active+clean and every mgr back; else CephStartError.
+
+        A missing standby mgr raises no health check (ceph/ceph src/mon/MgrMonitor.cc raises MGR_DOWN only
+        when no mgr is active), so the mgr map is read apart: after a node's reboot its mgr
+        re-registers as standby a few seconds after HEALTH_OK.
+        """
         last = "no answer from the mon yet"
         while True:
             self._check_alive()
@@ -295,10 +300,12 @@ class RealCeph:
                     s["count"] for s in pgs.get("pgs_by_state", []) if s["state_name"] == "active+clean"
                 )
                 n = len(self.hosts)
+                mgrmap = st.get("mgrmap", {})
+                mgrs = int(bool(mgrmap.get("available"))) + int(mgrmap.get("num_standbys", 0))
                 last = (
                     f"{st['health']['status']} {sorted(st['health'].get('checks', {}))}, "
                     f"osds up {osdmap.get('num_up_osds')}/{n} in {osdmap.get('num_in_osds')}/{n}, "
-                    f"pgs active+clean {clean}/{pgs.get('num_pgs')}"
+                    f"pgs active+clean {clean}/{pgs.get('num_pgs')}, mgrs {mgrs}/{len(self.mgr_of_host)}"
                 )
                 if (
                     st["health"]["status"] == "HEALTH_OK"
@@ -307,6 +314,7 @@ class RealCeph:
                     and osdmap.get("num_in_osds") == n
                     and pgs.get("num_pgs", 0) > 0
                     and clean == pgs.get("num_pgs")
+                    and mgrs == len(self.mgr_of_host)
                 ):
                     return
             except (CephStartError, subprocess.TimeoutExpired, ValueError, KeyError) as e:

@@ -127,6 +127,8 @@ class TestTwinWithRealCeph:
         assert all(after[n] == daemons_before[n] for n in ("mon.a", "mon.c", "mgr.a"))
         assert "HEALTH_WARN" in rook_seen and rook_seen[-1] == "HEALTH_OK", rook_seen
         assert [d.node for d in t.record.intervals("m720q")] == ["m720q-2"]
+        # Give the shared cluster back whole: mgr.b re-registers as standby after HEALTH_OK.
+        t.ceph.wait_healthy(time.monotonic() + 60)
 
     def test_env_file_puts_the_real_ceph_cli_first(self, real_twin: Twin) -> None:
         t = real_twin
