@@ -176,6 +176,11 @@ class Monitoring(Block):
         default_factory=list, description="PromQL gates after every node, each with a name and a deadline.")
     alert_gate_seconds: float = Field(
         default=900, gt=0, description="How long the alert gate waits for firing alerts to resolve before a node.")
+    silence_settle_seconds: float = Field(
+        default=180, ge=0,
+        description="Once a node has passed its gates, how long its silences stay on while the alerts they hold "
+                    "resolve (Prometheus sees the node well again a scrape and an evaluation late); then they are "
+                    "expired whatever still fires.")
     stale_silence_seconds: float = Field(
         default=86400, gt=0, description="The drift check lists silences of these flows in force for longer than this.")
 

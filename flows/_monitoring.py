@@ -89,7 +89,8 @@ def prepare(block: Any, cluster: str, runs_ceph: bool, overrides: MonitoringGate
         return None, core.describe_plan(None, "turned off for this run (monitoring.enabled = false)")
     try:
         s = core.settings(mon_block.allowed_alerts, mon_block.node_labels, mon_block.ceph_silenced_alerts,
-                          mon_block.health_queries, mon_block.alert_gate_seconds, overrides)
+                          mon_block.health_queries, mon_block.alert_gate_seconds, overrides,
+                          settle_s=mon_block.silence_settle_seconds)
     except MatcherError as e:
         raise StepFailed("(all nodes)", "monitoring settings", str(e),
                          "fix allowed_alerts or health_queries (in the Monitoring block or this run's form); "
@@ -211,11 +212,34 @@ def expire_node_silences(mon: MonitoringRun, node: str | None, log: Any) -> list
     return left
 
 
+def held_alerts(mon: MonitoringRun, node: str) -> list[str]:
+    """What the node's silences still hold (homelab.monitoring.still_held); unreadable counts as held."""
+    mine = [s for s in mon.silences if s.node == node and s.state == "active"]
+    try:
+        return core.still_held(mon.client.alerts(), mon.client.alertmanager_alerts(),
+                               [core.parse_matchers(s.matchers) for s in mine], [s.id for s in mine])
+    except MonitoringError as e:
+        return [f"(monitoring not readable: {e})"]
+
+
 @_t("expire-silence")
 def expire_silence_task(mon: MonitoringRun, node: str, mark: Mark | None = None) -> None:
+    """Once the alerts the node's silences hold have resolved (up to the settle time), the silences end."""
     if mark is not None:
         mark(node, "expire-silence")
-    expire_node_silences(mon, node, get_run_logger())
+    log = get_run_logger()
+    deadline = time.monotonic() + mon.settings.settle_s
+    held = held_alerts(mon, node)
+    if held:
+        log.info(f"{node}: keeping its silences up to {mon.settings.settle_s:g} s while what they hold resolves: "
+                 + "; ".join(held[:10]))
+    while held and time.monotonic() < deadline:
+        time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+        held = held_alerts(mon, node)
+    if held:
+        log.warning(f"{node}: expiring its silences although {len(held)} alert(s) they hold still fire after "
+                    f"{mon.settings.settle_s:g} s; they will notify: " + "; ".join(held[:10]))
+    expire_node_silences(mon, node, log)
 
 
 def health_verdict(mon: MonitoringRun, q: core.HealthQuery) -> Verdict:

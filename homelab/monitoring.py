@@ -230,6 +230,24 @@ def alert_gate(alerts: Iterable[Alert], allowed: Sequence[Sequence[Matcher]],
 # --- silences ----------------------------------------------------------------------------------
 
 
+def still_held(prometheus: Iterable[Alert], alertmanager: Iterable[Mapping[str, Any]],
+               sets: Sequence[Sequence[Matcher]], silence_ids: Iterable[str]) -> list[str]:
+    """The alerts a node's silences still hold: pending or firing in Prometheus and matched by one of the
+    sets, or still active in Alertmanager and silenced by one of the ids. Expiring the silences while any
+    is left would let it notify: Prometheus sees a rebooted node well again only a scrape and an
+    evaluation late, and tells Alertmanager of the resolution at its next send
+    (prometheus/prometheus rules/alerting.go ``Eval`` resolves, notifier/notifier.go sends; Alertmanager
+    reports silenced alerts with ``status.silencedBy``, api/v2/openapi.yaml ``alertStatus``)."""
+    ids = set(silence_ids)
+    held = {a.describe() for a in prometheus if a.state in ("pending", "firing") and matches_any(a.labels, sets)}
+    for a in alertmanager:
+        status = a.get("status") or {}
+        if ids & set(status.get("silencedBy") or []):
+            labels = {str(k): str(v) for k, v in (a.get("labels") or {}).items()}
+            held.add(Alert(labels, "firing").describe())
+    return sorted(held)
+
+
 def node_silence_matchers(node: str, ip: str, labels: Sequence[str]) -> list[tuple[Matcher, ...]]:
     """One matcher set per label that names a node: the value is the node's name or address, with or
     without a port (an instance label is `<ip>:9100` on node-exporter, `<ip>:10250` on the kubelet).
@@ -449,11 +467,12 @@ class Settings:
     health_queries: list[HealthQuery]
     alert_gate_s: float
     allowed_texts: list[str] = field(default_factory=list)
+    settle_s: float = 180.0
 
 
 def settings(block_allowed: Sequence[str], node_labels: Sequence[str], ceph_silenced: Sequence[str],
              block_queries: Sequence[HealthQuery], block_alert_gate_s: float,
-             run: MonitoringGates | None) -> Settings:
+             run: MonitoringGates | None, *, settle_s: float = 180.0) -> Settings:
     """The run's overrides win field by field; a matcher that does not parse raises MatcherError."""
     allowed_texts = list(run.allowed_alerts if run is not None and run.allowed_alerts is not None else block_allowed)
     queries = list(run.health_queries if run is not None and run.health_queries is not None else block_queries)
@@ -463,7 +482,7 @@ def settings(block_allowed: Sequence[str], node_labels: Sequence[str], ceph_sile
     if dup:
         raise MatcherError(f"health queries: the name(s) {', '.join(dup)} are used twice; give each its own")
     return Settings(parse_matcher_sets(allowed_texts), list(node_labels), list(ceph_silenced), queries, gate_s,
-                    allowed_texts)
+                    allowed_texts, settle_s)
 
 
 def describe_plan(s: Settings | None, why_not: str = "") -> str:

@@ -130,6 +130,15 @@ class MonitoringClient:
 
     # --- Alertmanager ------------------------------------------------------------------------------
 
+    def alertmanager_alerts(self) -> list[dict[str, Any]]:
+        """Alertmanager's active alerts, silenced and inhibited ones included, each with its ``status``."""
+        body = self._request("GET", self.alertmanager_url, "/api/v2/alerts", "Alertmanager",
+                             params={"active": "true", "silenced": "true", "inhibited": "true"})
+        if not isinstance(body, list):
+            raise MonitoringError(f"Alertmanager at {self.alertmanager_url}: /api/v2/alerts answered "
+                                  f"{_short(str(body))}")
+        return [a for a in body if isinstance(a, dict)]
+
     def silences(self) -> list[Silence]:
         body = self._alertmanager("GET", "/api/v2/silences")
         if not isinstance(body, list):

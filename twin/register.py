@@ -24,7 +24,7 @@ def homelab_block(twin: Any) -> Any:
         monitoring = Monitoring(prometheus_url=twin.monitoring.prometheus_url,
                                 alertmanager_url=twin.monitoring.alertmanager_url, verify_tls=False,
                                 # The twin's time runs fast (1 s scrapes and evaluations, 0 s `for:`).
-                                alert_gate_seconds=5)
+                                alert_gate_seconds=5, silence_settle_seconds=15)
     return Homelab(
         kubernetes=Kubernetes(kubeconfig=SecretStr(twin.kubeconfig_text(None) or "")),
         talos=Talos(talosctl_path=str(twin.bin_dir / "talosctl"), talosconfig=SecretStr(twin.talosconfig_text())),

@@ -29,6 +29,7 @@ from homelab.monitoring import (
     settings,
     silence_body,
     stale_silences,
+    still_held,
 )
 
 DEFAULT_ALLOWED = parse_matcher_sets(['alertname=~"Watchdog|InfoInhibitor"'])
@@ -209,6 +210,28 @@ def test_run_overrides_win_over_the_block_defaults():
     assert describe_plan(None, "no Monitoring block").startswith("monitoring gates skipped: no Monitoring block")
     with pytest.raises(MatcherError, match="used twice"):
         settings([], [], [], [q, q], 1, None)
+
+
+def test_a_nodes_silences_hold_its_alerts_until_prometheus_and_alertmanager_both_let_go():
+    sets = node_silence_matchers("m720q-2", "10.42.0.102", ["node", "instance"])
+    other = Alert({"alertname": "KubeNodeNotReady", "node": "m720q-3"}, "firing")
+    pending = Alert({"alertname": "KubeNodeNotReady", "node": "m720q-2"}, "pending")
+    by_instance = Alert({"alertname": "NodeDown", "instance": "10.42.0.102:9100"}, "firing")
+    assert still_held([other], [], sets, ["s1"]) == []
+    assert still_held([pending, by_instance, other], [], sets, ["s1"]) == [
+        'KubeNodeNotReady{node="m720q-2"}', 'NodeDown{instance="10.42.0.102:9100"}']
+    # Resolved in Prometheus, but Alertmanager has not heard yet: still held by our silence s1, not by s9.
+    am = [{"labels": {"alertname": "KubeNodeNotReady", "node": "m720q-2"},
+           "status": {"state": "suppressed", "silencedBy": ["s1"], "inhibitedBy": []}},
+          {"labels": {"alertname": "Other"}, "status": {"state": "suppressed", "silencedBy": ["s9"]}}]
+    assert still_held([], am, sets, ["s1"]) == ['KubeNodeNotReady{node="m720q-2"}']
+    assert still_held([], am, sets, ["s2"]) == []
+
+
+def test_the_settle_time_comes_from_the_block():
+    q = HealthQuery(name="ceph", expr="ceph_health_status == 0")
+    assert settings([], ["node"], [], [q], 900, None).settle_s == 180
+    assert settings([], ["node"], [], [q], 900, None, settle_s=7.5).settle_s == 7.5
 
 
 def test_parse_alerts_refuses_an_error_answer():
