@@ -274,11 +274,12 @@ def health_task(mon: MonitoringRun, node: str, mark: Mark | None = None) -> None
 # --- what the node sequence calls ---------------------------------------------------------------
 
 
-def before_node(block: Any, cluster: str, runs_ceph: bool, node: str, mark: Mark | None = None) -> None:
-    """The alert gate before a node (and before the next one after the pause)."""
+def before_node(block: Any, cluster: str, runs_ceph: bool, node: str, mark: Mark | None = None) -> bool:
+    """The alert gate before a node (and before the next one after the pause); False when there is none."""
     mon = for_run(block, cluster, runs_ceph)
     if mon is not None:
         alert_gate_task(mon, node=node, mark=mark)
+    return mon is not None
 
 
 def silence_node(block: Any, cluster: str, runs_ceph: bool, node: str, ip: str, ends_in_s: float,
@@ -296,11 +297,13 @@ def node_passed(node: str, mark: Mark | None = None) -> None:
         expire_silence_task(mon, node=node, mark=mark)
 
 
-def after_node(node: str, mark: Mark | None = None) -> None:
-    """The health queries after the node."""
+def after_node(node: str, mark: Mark | None = None) -> bool:
+    """The health queries after the node; False when there are none."""
     mon = current()
     if mon is not None and mon.settings.health_queries:
         health_task(mon, node=node, mark=mark)
+        return True
+    return False
 
 
 def end_of_run(log: Any) -> list[dict[str, str]]:

@@ -135,7 +135,11 @@ def default_snapshot_dir() -> str:
 # --- results ----------------------------------------------------------------------------------
 
 
-def node_rows(plan: TalosPlan | None, outcome: dict[str, tuple[str, float]], planned: bool) -> list[dict[str, Any]]:
+def node_rows(plan: TalosPlan | None, outcome: dict[str, tuple[str, float]], planned: bool, *,
+              gates: dict[str, list[str]] | None = None, windows: Callable[[str], str] | None = None,
+              ) -> list[dict[str, Any]]:
+    """A row per node of the plan. After a run: what happened to it, its disruption window as the Node
+    watch saw it (cordoned or NotReady → Ready and schedulable again) and the gates it passed, in order."""
     if plan is None:
         return []
     rows = []
@@ -148,6 +152,9 @@ def node_rows(plan: TalosPlan | None, outcome: dict[str, tuple[str, float]], pla
             action, secs = outcome.get(s.hostname, ("not-started", 0.0))
         rows.append({"name": s.hostname, "from": s.current, "to": s.target, "action": action,
                      "seconds": round(secs, 3)})
+        if not planned and s.action != "skip":
+            rows[-1]["disrupted"] = (windows(s.hostname) if windows is not None else "") or "-"
+            rows[-1]["gates passed"] = ", ".join((gates or {}).get(s.hostname, [])) or "-"
         if not planned and _monitoring.current() is not None:
             rows[-1]["health"] = _monitoring.health_cell(s.hostname)  # the health queries after the node
     return rows

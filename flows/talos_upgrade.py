@@ -192,6 +192,7 @@ def _upgrade(cl: Clients, block: Any, target: Target, to: str | None, nodes: lis
                                                    None, msg))
 
     outcome: dict[str, tuple[str, float]] = {}
+    gates: dict[str, list[str]] = {}
     flag = {"noout": "untouched"}
     snapshot: str | None = None
     lock: DisruptionLock | None = None
@@ -220,7 +221,7 @@ def _upgrade(cl: Clients, block: Any, target: Target, to: str | None, nodes: lis
                 first_cp = next(s for s in todo if s.control_plane)
                 snap_from = next((h for h, _ in target.control_planes if h != first_cp.hostname), first_cp.hostname)
                 snapshot = snapshot_task(cl, target, snapshot_dir, node=snap_from, keep=snapshot_keep)
-            run = NodeRun(cl, block, target, plan, deadlines, watch, flag, lock, debug=options.debug)
+            run = NodeRun(cl, block, target, plan, deadlines, watch, flag, lock, debug=options.debug, gates=gates)
             done = 0
             for s in plan.steps:
                 if s.action == "skip":
@@ -244,10 +245,11 @@ def _upgrade(cl: Clients, block: Any, target: Target, to: str | None, nodes: lis
                     # included) are read again after it.
                     time.sleep(pause_seconds)
     except BaseException as e:  # a refused gate, a lost lock, a cancel, SIGTERM, a crash: one ending for all
-        return _ended_early(cl, target, plan, outcome, flag["noout"], snapshot, watch, lock, e, current, log)
+        return _ended_early(cl, target, plan, outcome, flag["noout"], snapshot, watch, lock, e, current, log,
+                            gates)
     watch.stop()
     assert plan is not None
-    rows = node_rows(plan, outcome, False)
+    rows = node_rows(plan, outcome, False, gates=gates, windows=watch.window)
     _table(rows, f"talos-upgrade-outcome-{target.name}", "Outcome")
     return result("completed", plan.target, rows, watch.max_disrupted, flag["noout"], snapshot, None,
                   lock=lock.record() if lock else None, silences=_monitoring.end_of_run(log))
@@ -255,7 +257,7 @@ def _upgrade(cl: Clients, block: Any, target: Target, to: str | None, nodes: lis
 
 def _ended_early(cl: Clients, target: Target, plan: TalosPlan | None, outcome: dict[str, tuple[str, float]],
                  noout: str, snapshot: str | None, watch: DisruptionWatch, lock: DisruptionLock | None,
-                 error: BaseException, node: str, log: Any) -> Any:
+                 error: BaseException, node: str, log: Any, gates: dict[str, list[str]]) -> Any:
     """The ending of a run that did not finish: the noout rule, the outcome artifact, a final state the
     notifications cover (Failed or Cancelled) and the result dict, whatever stopped it."""
     from prefect.states import Cancelled
@@ -281,7 +283,7 @@ def _ended_early(cl: Clients, target: Target, plan: TalosPlan | None, outcome: d
         msg = str(failure) if noout != "left-set" else (
             f"{failure}. noout is left set on purpose because not every node is up; "
             f"`ceph osd unset noout` once they are")
-    rows = node_rows(plan, outcome, False)
+    rows = node_rows(plan, outcome, False, gates=gates, windows=watch.window)
     _table(rows, f"talos-upgrade-outcome-{target.name}", f"Outcome ({status})")
     # Whatever stopped the run, the silences it made end now; one that cannot be expired ends by itself.
     silences = _monitoring.end_of_run(log)

@@ -19,7 +19,7 @@ import stat
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -707,6 +707,10 @@ class NodeRun:
     flag: dict[str, str]
     lock: DisruptionLock
     debug: bool = False
+    gates: dict[str, list[str]] = field(default_factory=dict)  # per node, the gates it passed, in order
+
+    def passed(self, node: str, *gates: str) -> None:
+        self.gates.setdefault(node, []).extend(gates)
 
 
 def gates_before(run: NodeRun, node: str) -> list[NodeView]:
@@ -742,13 +746,16 @@ def upgrade_node(run: NodeRun, s: NodeStep) -> None:
     cl, block, target, deadlines, lock = run.cl, run.block, run.target, run.deadlines, run.lock
     node, ip = s.hostname, s.ip
     checkpoint(lock, node, f"the gates of {node}")
-    _monitoring.before_node(block, cl.cluster, cl.ceph is not None, node, _mark)
+    if _monitoring.before_node(block, cl.cluster, cl.ceph is not None, node, _mark):
+        run.passed(node, "no alert firing")
     views = gates_before(run, node)
+    run.passed(node, "all nodes Ready", "etcd healthy")
     _monitoring.silence_node(block, cl.cluster, cl.ceph is not None, node, ip, _monitoring.node_deadline_s(deadlines),
                              _mark)
     osds: list[int] = []
     if cl.ceph is not None:
         osds = ok_to_stop_task(cl, node=node)
+        run.passed(node, "ceph ok-to-stop")
         checkpoint(lock, node, f"setting noout for {node}")
         set_noout_task(cl, node=node)
         run.flag["noout"] = "set"
@@ -763,21 +770,28 @@ def upgrade_node(run: NodeRun, s: NodeStep) -> None:
         verify_version_task(cl, node=node, ip=ip, target=run.plan.target, deadline_s=deadlines.node_ready,
                             before=before, control_plane=s.control_plane, step=s)
         wait_ready_task(cl, node=node, ip=ip, target=run.plan.target, deadline_s=deadlines.node_ready)
+    run.watch.well_again(node)
+    run.passed(node, f"Talos {run.plan.target}", "Ready and uncordoned")
     etcd_healthy_task(cl, target, node=node, deadline_s=deadlines.etcd)
+    run.passed(node, "etcd healthy after")
     health_task(cl, target, node=node, ip=ip, deadline_s=deadlines.health, lock=lock)
+    run.passed(node, "talosctl health")
     if cl.ceph is not None:
         osds_up_task(cl, node=node, osds=osds, deadline_s=deadlines.osds_up)
+        run.passed(node, "OSDs up")
         try:
             unset_noout_task(cl, node=node)
         except CephError as e:
             raise StepFailed(node, "unset noout", str(e), "unset it by hand: ceph osd unset noout") from e
         run.flag["noout"] = "unset"
         ceph_clean_task(cl, node=node, deadline_s=deadlines.ceph_clean, tolerated=[])
+        run.passed(node, "ceph clean")
     _monitoring.node_passed(node, _mark)
     if block.post_node_hook:
         checkpoint(lock, node, f"the post-hook of {node}")
         post_hook_task(block.post_node_hook, node=node, ip=ip, timeout_s=deadlines.hook)
-    _monitoring.after_node(node, _mark)
+    if _monitoring.after_node(node, _mark):
+        run.passed(node, "health queries")
     _mark(node, "done")
 
 

@@ -1,17 +1,38 @@
 """Who is disrupted right now: every Node watched on a thread of its own, beside the Kubernetes tasks.
 
 The upgrade flows keep the most nodes seen not Ready at once (their result's `max_disrupted`); the node a
-flow is disrupting counts even while the API server is away (the endpoint node rebooting, no VIP).
+flow is disrupting counts even while the API server is away (the endpoint node rebooting, no VIP). Each
+node's disruption window is kept too: from the first sight of it cordoned or NotReady to the first sight of
+it Ready and schedulable again (the outcome table's "disrupted" column).
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from homelab.gates import NodeView
 from tasks.kube import Kube
+
+
+@dataclass
+class Window:
+    """One node's disruption: wall-clock times for people, monotonic ones for its length."""
+
+    since: datetime
+    since_mono: float
+    until: datetime | None = None
+    until_mono: float | None = None
+
+    def describe(self) -> str:
+        start = self.since.strftime("%H:%M:%SZ")
+        if self.until is None or self.until_mono is None:
+            return f"{start} → not Ready and schedulable again yet"
+        return f"{start} → {self.until.strftime('%H:%M:%SZ')} ({self.until_mono - self.since_mono:.1f} s)"
 
 
 class DisruptionWatch:
@@ -24,6 +45,8 @@ class DisruptionWatch:
         self._not_ready: set[str] = set()
         self._current: str | None = None
         self.max_disrupted = 0
+        self.windows: dict[str, list[Window]] = {}
+        self._acted: dict[str, tuple[datetime, float]] = {}  # when the flow began disrupting each node
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="homelab-disruption-watch", daemon=True)
 
@@ -33,14 +56,40 @@ class DisruptionWatch:
             self.max_disrupted = max(self.max_disrupted, len(now))
 
     def observe(self, nodes: list[NodeView]) -> None:
+        self._set({n.name: (n.ready, n.ready and not n.unschedulable) for n in nodes})
+
+    def well_again(self, node: str) -> None:
+        """The flow itself has just seen the node Ready and schedulable: its window closes now, if the
+        watch has not closed it already (its event may still be on the way). When the watch saw no
+        window at all (the API server it reads ran on that node, and went before the cordon reached it),
+        the window runs from the moment the flow began disrupting the node."""
+        now, mono = datetime.now(UTC), time.monotonic()
         with self._lock:
-            self._not_ready = {n.name for n in nodes if not n.ready}
-        self._note()
+            seen = self.windows.setdefault(node, [])
+            acted = self._acted.get(node)
+            if acted is not None and not any(w.since_mono >= acted[1] or w.until is None for w in seen):
+                seen.append(Window(acted[0], acted[1]))
+            self._window(node, True, now, mono)
+
+    def _window(self, name: str, well: bool, now: datetime, mono: float) -> None:
+        seen = self.windows.setdefault(name, [])
+        last = seen[-1] if seen and seen[-1].until is None else None
+        if not well and last is None:
+            seen.append(Window(now, mono))
+        elif well and last is not None:
+            last.until, last.until_mono = now, mono
+
+    def window(self, node: str) -> str:
+        """The node's last disruption window, described; "" when none was seen."""
+        with self._lock:
+            seen = self.windows.get(node)
+            return seen[-1].describe() if seen else ""
 
     @contextlib.contextmanager
     def disrupting(self, node: str) -> Iterator[None]:
         with self._lock:
             self._current = node
+            self._acted[node] = (datetime.now(UTC), time.monotonic())
         self._note()
         try:
             yield
@@ -59,7 +108,7 @@ class DisruptionWatch:
             while not self._stop.is_set():
                 try:
                     items, rv = kube.list_objects("", "v1", "nodes", timeout_s=5)
-                    state = {o["metadata"]["name"]: node_view(o).ready for o in items}
+                    state = {o["metadata"]["name"]: _health(node_view(o)) for o in items}
                     self._set(state)
                     for etype, obj in kube.watch_objects("", "v1", "nodes", None, rv, timeout_s=2):
                         if self._stop.is_set():
@@ -70,7 +119,7 @@ class DisruptionWatch:
                         if etype == "DELETED":
                             state.pop(name, None)
                         else:
-                            state[name] = node_view(obj).ready
+                            state[name] = _health(node_view(obj))
                         self._set(state)
                 except Exception:
                     self._stop.wait(0.1)  # the API server is away (a single control plane rebooting)
@@ -78,9 +127,13 @@ class DisruptionWatch:
             with contextlib.suppress(Exception):
                 kube.close()
 
-    def _set(self, state: dict[str, bool]) -> None:
+    def _set(self, state: dict[str, tuple[bool, bool]]) -> None:
+        """(Ready, Ready and schedulable) per node, as just seen."""
+        now, mono = datetime.now(UTC), time.monotonic()
         with self._lock:
-            self._not_ready = {n for n, ready in state.items() if not ready}
+            self._not_ready = {n for n, (ready, _) in state.items() if not ready}
+            for name, (_, well) in state.items():
+                self._window(name, well, now, mono)
         self._note()
 
     def start(self) -> DisruptionWatch:
@@ -89,3 +142,7 @@ class DisruptionWatch:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def _health(node: NodeView) -> tuple[bool, bool]:
+    return node.ready, node.ready and not node.unschedulable

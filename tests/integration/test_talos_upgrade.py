@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import uuid
@@ -66,6 +67,15 @@ def test_upgrade_rolls_three_nodes_one_at_a_time(twin, tmp_path):
     assert res["etcd_snapshot"] and Path(res["etcd_snapshot"]).stat().st_size > 0
     assert versions(t) == dict.fromkeys(M720Q, "v1.11.5")
     assert set(res) >= {"status", "target_version", "nodes", "max_disrupted", "noout", "etcd_snapshot", "error"}
+    # The outcome table: each node's disruption window as the Node watch saw it, and the gates it passed.
+    down = {d.node: d.end - d.start for d in t.record.intervals("m720q") if d.end is not None}
+    for row in res["nodes"]:
+        m = re.fullmatch(r"\d\d:\d\d:\d\dZ → \d\d:\d\d:\d\dZ \((\d+\.\d) s\)", row["disrupted"])
+        assert m, [(r["name"], r["disrupted"]) for r in res["nodes"]]
+        assert float(m.group(1)) >= round(down[row["name"]], 1) - 0.1, (row, down)  # cordoned before, Ready after
+        assert row["gates passed"].split(", ") == [
+            "all nodes Ready", "etcd healthy", "ceph ok-to-stop", "Talos v1.11.5", "Ready and uncordoned",
+            "etcd healthy after", "talosctl health", "OSDs up", "ceph clean"], row
 
 
 def test_dry_run_returns_the_plan_with_talosctl_argv_and_touches_nothing(twin, tmp_path):
