@@ -4,7 +4,9 @@
   cover), waiting up to its deadline for firing alerts to resolve;
 - before the node is disrupted: a silence per label that names the node (and the Ceph warnings its noout
   raises), ending at the node's deadline, so that a crashed run's silence expires by itself;
-- once the node has passed its gates, and on every failure path: the silences expired and read back expired;
+- once the node has passed its gates: the silences expired and read back expired, in the background once the
+  alerts they hold have resolved (the next node does not wait for Prometheus to catch up); at the end of a
+  completed run those still settling are waited for, on every failure path they are expired at once;
 - after each node: the health queries, each a gate with a deadline of its own.
 
 Without a Monitoring block for the cluster (or with the run's `monitoring.enabled` off) every function here
@@ -46,6 +48,9 @@ class MonitoringRun:
     who: str  # names the flow run in each silence's comment
     silences: list[NodeSilence] = field(default_factory=list)
     health: dict[str, list[HealthResult]] = field(default_factory=dict)
+    # A client of its own for each background settle (a requests Session is not shared across threads).
+    new_client: Callable[[], MonitoringClient] | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)  # the silences' states
 
     def own_matchers(self) -> list[tuple[core.Matcher, ...]]:
         """The matcher sets of this run's silences still in force: their alerts are this run's own doing."""
@@ -53,6 +58,9 @@ class MonitoringRun:
 
 
 _RUNS: dict[str, MonitoringRun | None] = {}
+# The futures of each run's background settles: apart from MonitoringRun, which is a task parameter (Prefect
+# waits for every future it finds in a task's parameters before the task starts).
+_SETTLING: dict[str, list[Any]] = {}
 _PLAN: dict[str, str] = {}
 _LOCK = threading.Lock()
 
@@ -97,7 +105,9 @@ def prepare(block: Any, cluster: str, runs_ceph: bool, overrides: MonitoringGate
                          "nothing was changed") from None
     if not runs_ceph:
         s.ceph_silenced = []
-    return MonitoringRun(MonitoringClient.from_block(mon_block), s, cluster, runs_ceph, _who()), core.describe_plan(s)
+    return (MonitoringRun(MonitoringClient.from_block(mon_block), s, cluster, runs_ceph, _who(),
+                          new_client=lambda: MonitoringClient.from_block(mon_block)),
+            core.describe_plan(s))
 
 
 def for_run(block: Any, cluster: str, runs_ceph: bool) -> MonitoringRun | None:
@@ -189,20 +199,24 @@ def silence_task(mon: MonitoringRun, node: str, ip: str, ends_in_s: float, mark:
             raise StepFailed(node, "silence the node's alerts", str(e),
                              "nothing was changed on this node yet; check the Alertmanager (amtool silence query), "
                              "then run again") from None
-        mon.silences.append(NodeSilence(s.id, node, s.describe(), "active", ends.isoformat()))
+        with mon.lock:
+            mon.silences.append(NodeSilence(s.id, node, s.describe(), "active", ends.isoformat()))
     get_run_logger().info(f"{node}: {len(sets)} silence(s) until {ends.isoformat(timespec='seconds')}: "
                           + "; ".join(s.matchers for s in mon.silences if s.node == node and s.state == "active"))
 
 
-def expire_node_silences(mon: MonitoringRun, node: str | None, log: Any) -> list[NodeSilence]:
+def expire_node_silences(mon: MonitoringRun, node: str | None, log: Any,
+                         client: MonitoringClient | None = None) -> list[NodeSilence]:
     """Expire this run's silences still in force (of ``node``, or all), each read back expired. One that
     cannot be expired is left to end by itself at its end time: state "left", logged, and in the result."""
     left: list[NodeSilence] = []
-    for s in mon.silences:
-        if s.state not in ("active", "left") or (node is not None and s.node != node):
-            continue
+    with mon.lock:
+        todo = [s for s in mon.silences if s.state in ("active", "left") and (node is None or s.node == node)]
+        for s in todo:
+            s.state = "expiring"  # neither the background settle nor the run's end expires it twice
+    for s in todo:
         try:
-            mon.client.expire_silence(s.id)
+            (client or mon.client).expire_silence(s.id)
             s.state = "expired"
         except MonitoringError as e:
             s.state = "left"
@@ -212,11 +226,15 @@ def expire_node_silences(mon: MonitoringRun, node: str | None, log: Any) -> list
     return left
 
 
-def held_alerts(mon: MonitoringRun, node: str) -> list[str]:
-    """What the node's silences still hold (homelab.monitoring.still_held); unreadable counts as held."""
-    mine = [s for s in mon.silences if s.node == node and s.state == "active"]
+def held_alerts(mon: MonitoringRun, node: str, client: MonitoringClient) -> list[str]:
+    """What the node's silences still hold (homelab.monitoring.still_held); unreadable counts as held. Nothing
+    once they are no longer active (the run's end expired them meanwhile)."""
+    with mon.lock:
+        mine = [s for s in mon.silences if s.node == node and s.state == "active"]
+    if not mine:
+        return []
     try:
-        return core.still_held(mon.client.alerts(), mon.client.alertmanager_alerts(),
+        return core.still_held(client.alerts(), client.alertmanager_alerts(),
                                [core.parse_matchers(s.matchers) for s in mine], [s.id for s in mine])
     except MonitoringError as e:
         return [f"(monitoring not readable: {e})"]
@@ -224,22 +242,28 @@ def held_alerts(mon: MonitoringRun, node: str) -> list[str]:
 
 @_t("expire-silence")
 def expire_silence_task(mon: MonitoringRun, node: str, mark: Mark | None = None) -> None:
-    """Once the alerts the node's silences hold have resolved (up to the settle time), the silences end."""
+    """Once the alerts the node's silences hold have resolved (up to the settle time), the silences end.
+    Runs beside the next node's steps (submitted by node_passed), with a client of its own."""
     if mark is not None:
         mark(node, "expire-silence")
     log = get_run_logger()
-    deadline = time.monotonic() + mon.settings.settle_s
-    held = held_alerts(mon, node)
-    if held:
-        log.info(f"{node}: keeping its silences up to {mon.settings.settle_s:g} s while what they hold resolves: "
-                 + "; ".join(held[:10]))
-    while held and time.monotonic() < deadline:
-        time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
-        held = held_alerts(mon, node)
-    if held:
-        log.warning(f"{node}: expiring its silences although {len(held)} alert(s) they hold still fire after "
-                    f"{mon.settings.settle_s:g} s; they will notify: " + "; ".join(held[:10]))
-    expire_node_silences(mon, node, log)
+    client = mon.new_client() if mon.new_client is not None else mon.client
+    try:
+        deadline = time.monotonic() + mon.settings.settle_s
+        held = held_alerts(mon, node, client)
+        if held:
+            log.info(f"{node}: keeping its silences up to {mon.settings.settle_s:g} s while what they hold "
+                     "resolves: " + "; ".join(held[:10]))
+        while held and time.monotonic() < deadline:
+            time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+            held = held_alerts(mon, node, client)
+        if held:
+            log.warning(f"{node}: expiring its silences although {len(held)} alert(s) they hold still fire after "
+                        f"{mon.settings.settle_s:g} s; they will notify: " + "; ".join(held[:10]))
+        expire_node_silences(mon, node, log, client)
+    finally:
+        if client is not mon.client:
+            client.close()
 
 
 def health_verdict(mon: MonitoringRun, q: core.HealthQuery) -> Verdict:
@@ -294,7 +318,9 @@ def node_passed(node: str, mark: Mark | None = None) -> None:
     """The node has passed its gates: its silences end now."""
     mon = current()
     if mon is not None and any(s.node == node and s.state == "active" for s in mon.silences):
-        expire_silence_task(mon, node=node, mark=mark)
+        future = expire_silence_task.submit(mon, node=node, mark=mark)
+        with _LOCK:
+            _SETTLING.setdefault(_run_key(), []).append(future)
 
 
 def after_node(node: str, mark: Mark | None = None) -> bool:
@@ -306,13 +332,20 @@ def after_node(node: str, mark: Mark | None = None) -> bool:
     return False
 
 
-def end_of_run(log: Any) -> list[dict[str, str]]:
+def end_of_run(log: Any, settle: bool = False) -> list[dict[str, str]]:
     """Whatever ended the run: every silence still in force expired (or reported left); the result's list.
-    Call it after the outcome rows are made (they read the health results). Safe outside a run that has
-    monitoring."""
+    With ``settle`` (a completed run) the nodes' silences still settling are waited for first (each within
+    its settle time); a failed run's end expires them at once: what fires now should be seen. Call it after
+    the outcome rows are made (they read the health results). Safe outside a run that has monitoring."""
     mon = current()
     if mon is None:
         return []
+    with _LOCK:
+        settling = _SETTLING.pop(_run_key(), [])
+    if settle:
+        for future in settling:
+            with contextlib.suppress(Exception):
+                future.wait(timeout=mon.settings.settle_s + 30)
     with contextlib.suppress(Exception):
         expire_node_silences(mon, None, log)
     out = [s.as_result() for s in mon.silences]
@@ -343,6 +376,7 @@ def forget_run() -> None:
     with _LOCK:
         mon = _RUNS.pop(_run_key(), None)
         _PLAN.pop(_run_key(), None)
+        _SETTLING.pop(_run_key(), None)
     if mon is not None:
         mon.client.close()
 

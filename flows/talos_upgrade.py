@@ -252,7 +252,7 @@ def _upgrade(cl: Clients, block: Any, target: Target, to: str | None, nodes: lis
     rows = node_rows(plan, outcome, False, gates=gates, windows=watch.window)
     _table(rows, f"talos-upgrade-outcome-{target.name}", "Outcome")
     return result("completed", plan.target, rows, watch.max_disrupted, flag["noout"], snapshot, None,
-                  lock=lock.record() if lock else None, silences=_monitoring.end_of_run(log))
+                  lock=lock.record() if lock else None, silences=_monitoring.end_of_run(log, settle=True))
 
 
 def _ended_early(cl: Clients, target: Target, plan: TalosPlan | None, outcome: dict[str, tuple[str, float]],

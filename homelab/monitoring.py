@@ -450,7 +450,7 @@ class NodeSilence:
     id: str
     node: str
     matchers: str
-    state: str = "active"  # active | expired | left (could not be expired: it ends by itself at ends_at)
+    state: str = "active"  # active | expiring (now) | expired | left (could not be expired: it ends by itself at ends_at)
     ends_at: str = ""
 
     def as_result(self) -> dict[str, str]:
