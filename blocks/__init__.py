@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from abc import ABC
 from pathlib import Path
 from typing import Any, Self, cast
 
@@ -27,7 +28,7 @@ from homelab.monitoring import (
 DEFAULT_CEPH_TOOLS = ["kubectl", "-n", "rook-ceph", "exec", "deploy/rook-ceph-tools", "--", "ceph"]
 
 
-class _Block(Block):
+class _Block(Block, ABC):
     """A block of this project: its fields typed with our own blocks load without Prefect's collection scan."""
 
     @classmethod

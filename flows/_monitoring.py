@@ -53,7 +53,9 @@ class MonitoringRun:
     lock: threading.Lock = field(default_factory=threading.Lock)  # the silences' states
 
     def own_matchers(self) -> list[tuple[core.Matcher, ...]]:
-        """The matcher sets of this run's silences still in force: their alerts are this run's own doing."""
+        """The matcher sets of this run's silences in force for a node still in progress: their alerts are this
+        run's own doing. A passed node's silences, while they settle, are not: an alert about that node that
+        still fires holds the next node's gate."""
         return [core.parse_matchers(s.matchers) for s in self.silences if s.state in ("active", "left")]
 
 
@@ -211,7 +213,8 @@ def expire_node_silences(mon: MonitoringRun, node: str | None, log: Any,
     cannot be expired is left to end by itself at its end time: state "left", logged, and in the result."""
     left: list[NodeSilence] = []
     with mon.lock:
-        todo = [s for s in mon.silences if s.state in ("active", "left") and (node is None or s.node == node)]
+        todo = [s for s in mon.silences
+                if s.state in ("active", "settling", "left") and (node is None or s.node == node)]
         for s in todo:
             s.state = "expiring"  # neither the background settle nor the run's end expires it twice
     for s in todo:
@@ -227,15 +230,18 @@ def expire_node_silences(mon: MonitoringRun, node: str | None, log: Any,
 
 
 def held_alerts(mon: MonitoringRun, node: str, client: MonitoringClient) -> list[str]:
-    """What the node's silences still hold (homelab.monitoring.still_held); unreadable counts as held. Nothing
-    once they are no longer active (the run's end expired them meanwhile)."""
+    """What the node's settling silences alone still hold (homelab.monitoring.still_held): an alert another
+    silence of this run also covers (the next node's Ceph warning) is not theirs to wait for. Unreadable
+    counts as held; nothing once they are no longer settling (the run's end expired them meanwhile)."""
     with mon.lock:
-        mine = [s for s in mon.silences if s.node == node and s.state == "active"]
+        mine = [s for s in mon.silences if s.node == node and s.state == "settling"]
+        others = [s for s in mon.silences if s.node != node and s.state in ("active", "settling", "left")]
     if not mine:
         return []
     try:
         return core.still_held(client.alerts(), client.alertmanager_alerts(),
-                               [core.parse_matchers(s.matchers) for s in mine], [s.id for s in mine])
+                               [core.parse_matchers(s.matchers) for s in mine], [s.id for s in mine],
+                               [core.parse_matchers(s.matchers) for s in others], [s.id for s in others])
     except MonitoringError as e:
         return [f"(monitoring not readable: {e})"]
 
@@ -317,7 +323,13 @@ def silence_node(block: Any, cluster: str, runs_ceph: bool, node: str, ip: str, 
 def node_passed(node: str, mark: Mark | None = None) -> None:
     """The node has passed its gates: its silences end now."""
     mon = current()
-    if mon is not None and any(s.node == node and s.state == "active" for s in mon.silences):
+    if mon is None:
+        return
+    with mon.lock:
+        mine = [s for s in mon.silences if s.node == node and s.state == "active"]
+        for s in mine:
+            s.state = "settling"
+    if mine:
         future = expire_silence_task.submit(mon, node=node, mark=mark)
         with _LOCK:
             _SETTLING.setdefault(_run_key(), []).append(future)
@@ -348,6 +360,9 @@ def end_of_run(log: Any, settle: bool = False) -> list[dict[str, str]]:
                 future.wait(timeout=mon.settings.settle_s + 30)
     with contextlib.suppress(Exception):
         expire_node_silences(mon, None, log)
+    for future in settling:  # a settle caught mid-expiry finishes it: the states below are final
+        with contextlib.suppress(Exception):
+            future.wait(timeout=30)
     out = [s.as_result() for s in mon.silences]
     forget_run()  # the run is over: its client closes, and a long-lived worker keeps nothing of it
     return out

@@ -231,18 +231,22 @@ def alert_gate(alerts: Iterable[Alert], allowed: Sequence[Sequence[Matcher]],
 
 
 def still_held(prometheus: Iterable[Alert], alertmanager: Iterable[Mapping[str, Any]],
-               sets: Sequence[Sequence[Matcher]], silence_ids: Iterable[str]) -> list[str]:
-    """The alerts a node's silences still hold: pending or firing in Prometheus and matched by one of the
-    sets, or still active in Alertmanager and silenced by one of the ids. Expiring the silences while any
-    is left would let it notify: Prometheus sees a rebooted node well again only a scrape and an
-    evaluation late, and tells Alertmanager of the resolution at its next send
-    (prometheus/prometheus rules/alerting.go ``Eval`` resolves, notifier/notifier.go sends; Alertmanager
-    reports silenced alerts with ``status.silencedBy``, api/v2/openapi.yaml ``alertStatus``)."""
-    ids = set(silence_ids)
-    held = {a.describe() for a in prometheus if a.state in ("pending", "firing") and matches_any(a.labels, sets)}
+               sets: Sequence[Sequence[Matcher]], silence_ids: Iterable[str],
+               other_sets: Sequence[Sequence[Matcher]] = (), other_ids: Iterable[str] = ()) -> list[str]:
+    """The alerts a node's silences alone still hold: pending or firing in Prometheus and matched by one of
+    the sets, or still active in Alertmanager and silenced by one of the ids — unless another silence in
+    force (``other_sets`` / ``other_ids``) covers it too. Expiring the silences while any is left would let
+    it notify: Prometheus sees a rebooted node well again only a scrape and an evaluation late, and tells
+    Alertmanager of the resolution right after that evaluation (prometheus/prometheus rules/alerting.go
+    ``Eval`` resolves, rules/group.go sends; Alertmanager computes ``status.silencedBy`` at each request,
+    api/v2/api.go, openapi.yaml ``alertStatus``)."""
+    ids, others = set(silence_ids), set(other_ids)
+    held = {a.describe() for a in prometheus if a.state in ("pending", "firing") and matches_any(a.labels, sets)
+            and not matches_any(a.labels, other_sets)}
     for a in alertmanager:
         status = a.get("status") or {}
-        if ids & set(status.get("silencedBy") or []):
+        by = set(status.get("silencedBy") or [])
+        if ids & by and not others & by:
             labels = {str(k): str(v) for k, v in (a.get("labels") or {}).items()}
             held.add(Alert(labels, "firing").describe())
     return sorted(held)
@@ -450,7 +454,9 @@ class NodeSilence:
     id: str
     node: str
     matchers: str
-    state: str = "active"  # active | expiring (now) | expired | left (could not be expired: it ends by itself at ends_at)
+    # active | settling (the node passed; ends once what it holds resolved) | expiring (now) | expired |
+    # left (could not be expired: it ends by itself at ends_at)
+    state: str = "active"
     ends_at: str = ""
 
     def as_result(self) -> dict[str, str]:

@@ -80,9 +80,14 @@ class DisruptionWatch:
             last.until, last.until_mono = now, mono
 
     def window(self, node: str) -> str:
-        """The node's last disruption window, described; "" when none was seen."""
+        """The node's disruption window, described; "" when none was seen. Of a node the flow disrupted, the
+        first window still open or ending after the flow began (a stale event applied after the flow's
+        own sighting may open a later, empty one); of any other node, the last."""
         with self._lock:
-            seen = self.windows.get(node)
+            seen = self.windows.get(node) or []
+            acted = self._acted.get(node)
+            if acted is not None:
+                seen = [w for w in seen if w.until_mono is None or w.until_mono >= acted[1]][:1] or seen
             return seen[-1].describe() if seen else ""
 
     @contextlib.contextmanager

@@ -315,6 +315,10 @@ class RealCeph:
                     and pgs.get("num_pgs", 0) > 0
                     and clean == pgs.get("num_pgs")
                     and mgrs == len(self.mgr_of_host)
+                    # A dead standby stays in the map until its successor's first beacon (ceph/ceph
+                    # src/mon/MgrMonitor.cc prepare_beacon drops a standby of the same name, new gid) or
+                    # the beacon grace: count it only with its process alive.
+                    and all(f"mgr.{m}" in self.pids() for m in self.mgr_of_host.values())
                 ):
                     return
             except (CephStartError, subprocess.TimeoutExpired, ValueError, KeyError) as e:

@@ -50,3 +50,14 @@ def test_a_window_the_watch_never_saw_runs_from_the_moment_the_flow_began():
     w.well_again("a")
     assert WINDOW.fullmatch(w.window("a")) and len(w.windows["a"]) == 1
     assert w.max_disrupted == 1
+
+
+def test_a_stale_event_after_the_flows_own_sighting_does_not_replace_the_window():
+    w = DisruptionWatch(unreachable)
+    w.observe([view("a")])
+    with w.disrupting("a"):
+        w.observe([view("a", ready=False, cordoned=True)])
+    w.well_again("a")
+    real = w.window("a")
+    w.observe([view("a", cordoned=True)])  # a list read before the uncordon, applied after it
+    assert w.window("a") == real and len(w.windows["a"]) == 2

@@ -228,6 +228,15 @@ def test_a_nodes_silences_hold_its_alerts_until_prometheus_and_alertmanager_both
     assert still_held([], am, sets, ["s2"]) == []
 
 
+def test_an_alert_another_silence_of_the_run_covers_is_not_held_by_the_passed_node():
+    # m720q-1 passed; m720q-2's noout now fires CephHealthWarning, which both nodes' Ceph silences match.
+    ceph = ceph_silence_matchers(["CephHealthWarning"])
+    warning = Alert({"alertname": "CephHealthWarning"}, "firing")
+    am = [{"labels": {"alertname": "CephHealthWarning"}, "status": {"silencedBy": ["a-ceph", "b-ceph"]}}]
+    assert still_held([warning], am, ceph, ["a-ceph"]) == ["CephHealthWarning"]
+    assert still_held([warning], am, ceph, ["a-ceph"], ceph, ["b-ceph"]) == []
+
+
 def test_the_settle_time_comes_from_the_block():
     q = HealthQuery(name="ceph", expr="ceph_health_status == 0")
     assert settings([], ["node"], [], [q], 900, None).settle_s == 180
