@@ -321,7 +321,7 @@ def silence_node(block: Any, cluster: str, runs_ceph: bool, node: str, ip: str, 
 
 
 def node_passed(node: str, mark: Mark | None = None) -> None:
-    """The node has passed its gates: its silences end now."""
+    """The node has passed its gates: its silences settle in the background, then end (expire_silence_task)."""
     mon = current()
     if mon is None:
         return
