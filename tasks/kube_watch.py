@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from homelab.gates import NodeView
-from tasks.kube import Kube
+from tasks.kube import Kube, ready_and_schedulable
 
 
 @dataclass
@@ -56,7 +56,7 @@ class DisruptionWatch:
             self.max_disrupted = max(self.max_disrupted, len(now))
 
     def observe(self, nodes: list[NodeView]) -> None:
-        self._set({n.name: (n.ready, n.ready and not n.unschedulable) for n in nodes})
+        self._set({n.name: _health(n) for n in nodes})
 
     def well_again(self, node: str) -> None:
         """The flow itself has just seen the node Ready and schedulable: its window closes now, if the
@@ -150,4 +150,5 @@ class DisruptionWatch:
 
 
 def _health(node: NodeView) -> tuple[bool, bool]:
-    return node.ready, node.ready and not node.unschedulable
+    """(Ready, Ready and schedulable): the first counts for max_disrupted, the second ends a window."""
+    return node.ready, ready_and_schedulable(node)

@@ -318,7 +318,7 @@ class RealCeph:
                     # A dead standby stays in the map until its successor's first beacon (ceph/ceph
                     # src/mon/MgrMonitor.cc prepare_beacon drops a standby of the same name, new gid) or
                     # the beacon grace: count it only with its process alive.
-                    and all(f"mgr.{m}" in self.pids() for m in self.mgr_of_host.values())
+                    and {f"mgr.{m}" for m in self.mgr_of_host.values()} <= self.pids().keys()
                 ):
                     return
             except (CephStartError, subprocess.TimeoutExpired, ValueError, KeyError) as e:

@@ -374,6 +374,7 @@ class ScriptedCli(CephCli):
     def __init__(self, replies: list[dict]):
         super().__init__(["ceph"], {}, timeout_s=5)
         self.replies = replies
+        self.statuses = 0  # how often the mon was asked
 
     def pg_stat(self):  # type: ignore[override]
         # Each poll asks the active mgr first: the next reply of the script, its PG states.
@@ -383,6 +384,7 @@ class ScriptedCli(CephCli):
                                                                           "num_pgs": self.current["pgmap"]["num_pgs"]}})
 
     def status(self):  # type: ignore[override]
+        self.statuses += 1
         return ceph_gate.parse_status(self.current)
 
 
@@ -684,14 +686,7 @@ def test_clean_reads_the_mon_again_once_the_pgs_are_clean_and_not_while_they_mov
     degraded = raw_status([("active+undersized+degraded", 16)], {"OSD_DOWN": {"summary": {"message": "1 osds down"}}})
     clean = raw_status([("active+clean", 16)])
 
-    class Counting(ScriptedCli):
-        statuses = 0
-
-        def status(self):  # type: ignore[override]
-            self.statuses += 1
-            return super().status()
-
-    cli = Counting([degraded, degraded, degraded, clean])
+    cli = ScriptedCli([degraded, degraded, degraded, clean])
     verdicts = [cli.clean() for _ in range(4)]
     assert [v.ok for v in verdicts] == [False, False, False, True]
     assert "OSD_DOWN" in verdicts[2].reason  # the mon's view of the first read, reused for the message
@@ -703,13 +698,6 @@ def test_clean_reads_the_mon_on_every_poll_once_only_the_pgs_are_left() -> None:
     recovering = raw_status([("active+recovering+degraded", 16)], {"PG_DEGRADED": {"summary": {"message": "x"}}})
     clean = raw_status([("active+clean", 16)])
 
-    class Counting(ScriptedCli):
-        statuses = 0
-
-        def status(self):  # type: ignore[override]
-            self.statuses += 1
-            return super().status()
-
-    cli = Counting([recovering, recovering, clean])
+    cli = ScriptedCli([recovering, recovering, clean])
     assert [cli.clean().ok for _ in range(3)] == [False, False, True]
     assert cli.statuses == 3
